@@ -1,0 +1,135 @@
+"""NightreadSettings: every setting in one place, read from NIGHTREAD_* variables (nested with `__`).
+
+Built at the edge (the CLI, a flow run's start, a test) and passed down; nothing reads the
+environment at import time. Defaults are the embedded ones: SQLite and an object folder under
+one data dir, the in-process model and the built-in sample PACS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+
+
+class DatabaseSettings(BaseModel):
+    url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL (sqlite:///… or postgresql+psycopg://…); default: a SQLite file in data_dir",
+    )
+    pool_size: int = Field(default=5, ge=1)
+    max_overflow: int = Field(default=5, ge=0)
+    echo: bool = False
+
+
+class StorageSettings(BaseModel):
+    backend: Literal["local", "s3"] = "local"
+    root: Path | None = Field(default=None, description="local backend: folder; default data_dir/objects")
+    endpoint: str = "127.0.0.1:9000"
+    bucket: str = "nightread"
+    access_key: str = ""
+    secret_key: SecretStr = SecretStr("")
+    secure: bool = True
+    region: str | None = None
+
+
+class PacsSettings(BaseModel):
+    kind: Literal["sample", "dimse"] = Field(
+        default="sample", description="sample: the built-in sample PACS started in-process; dimse: a real PACS"
+    )
+    name: str = "default"
+    host: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=0, le=65535)
+    called_ae: str = "SAMPLEPACS"
+    calling_ae: str = "NIGHTREAD"
+    retrieve: Literal["get", "move"] = "get"
+    timeout_s: float = Field(default=30.0, gt=0)
+    modalities: list[str] = Field(default_factory=list, description="only studies with these modalities")
+    lookback_days: int = Field(default=7, ge=0, description="first discovery looks back this far")
+    sample_studies_seed: int = 7
+
+    @field_validator("called_ae", "calling_ae")
+    @classmethod
+    def _ae_title(cls, v: str) -> str:
+        if not v or len(v) > 16 or not v.isascii() or "\\" in v:
+            raise ValueError("an AE title is 1-16 ASCII characters without backslash")
+        return v
+
+
+class InferenceSettings(BaseModel):
+    backend: Literal["local", "triton"] = "local"
+    model: str = Field(default=DEFAULT_MODEL, description="Hugging Face id or local folder of the checkpoint")
+    revision: str | None = None
+    offline_fallback: bool = Field(
+        default=True,
+        description="when the model cannot be loaded, build and use a tiny random model of the same family",
+    )
+    tiny_family: str = "smolvlm"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    caption_max_new_tokens: int = Field(default=48, ge=1, le=1024)
+    hub_timeout_s: float = Field(default=10.0, gt=0)
+    threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")
+
+
+class RenderSettings(BaseModel):
+    max_long_edge: int = Field(default=512, ge=32, le=8192)
+    ct_slices_per_series: int = Field(default=3, ge=1, le=64)
+    mr_slices_per_series: int = Field(default=3, ge=1, le=64)
+
+
+class FlowSettings(BaseModel):
+    concurrency: int = Field(default=2, ge=1, le=64, description="studies processed at once")
+    retries: int = Field(default=2, ge=0, le=10)
+    retry_delay_s: float = Field(default=2.0, ge=0)
+    max_attempts: int = Field(default=3, ge=1, description="runs a failing study is tried in before it is failed")
+
+
+class NightreadSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NIGHTREAD_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    data_dir: Path = Field(default=Path(".nightread"), description="where embedded defaults keep their files")
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    pacs: PacsSettings = Field(default_factory=PacsSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    render: RenderSettings = Field(default_factory=RenderSettings)
+    flow: FlowSettings = Field(default_factory=FlowSettings)
+    questions_file: Path | None = Field(default=None, description="question bank YAML; default: the bundled one")
+    rules_file: Path | None = Field(default=None, description="selection rules YAML; default: the bundled one")
+
+    @model_validator(mode="after")
+    def _absolute_data_dir(self) -> NightreadSettings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.data_dir / 'nightread.db'}"
+
+    @property
+    def storage_root(self) -> Path:
+        return (self.storage.root or self.data_dir / "objects").expanduser().resolve()
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets and URL passwords masked."""
+        data = self.model_dump(mode="json")
+        data["database"]["url"] = mask_url(self.database_url)
+        data["storage"]["root"] = str(self.storage_root)
+        return data
+
+
+def mask_url(url: str) -> str:
+    """postgresql+psycopg://user:secret@host/db -> postgresql+psycopg://user:***@host/db"""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user, colon, _pw = creds.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}"

@@ -1,0 +1,57 @@
+"""The exception tree every adapter raises (after httpx's documented hierarchy).
+
+    NightreadError
+    ├── TransientError        retried by the flows (network, busy peer, incomplete transfer)
+    │   └── RetrievalIncomplete
+    └── PermanentError        recorded as a failure, never retried
+        ├── ConfigurationError
+        ├── PeerRefused        the peer answered and said no (unknown AE, bad request)
+        ├── DecodeError        a DICOM object that cannot be decoded or rendered
+        └── UnsupportedTask    a model asked to do what it cannot (e.g. questions to a captioner)
+
+Messages never carry PHI: no patient names, IDs, accession numbers or raw UIDs.
+"""
+
+from __future__ import annotations
+
+
+class NightreadError(Exception):
+    """Base class of every error nightread raises on purpose."""
+
+
+class TransientError(NightreadError):
+    """Worth retrying: the same call may succeed later."""
+
+
+class RetrievalIncomplete(TransientError):
+    """Fewer instances arrived than the PACS announced."""
+
+    def __init__(self, *, expected: int, received: int) -> None:
+        super().__init__(f"retrieval incomplete: received {received} of {expected} instances")
+        self.expected = expected
+        self.received = received
+
+
+class PermanentError(NightreadError):
+    """Retrying will not help; the failure is recorded."""
+
+
+class ConfigurationError(PermanentError):
+    """A setting is missing or contradicts another."""
+
+
+class PeerRefused(PermanentError):
+    """The remote system answered and refused the request."""
+
+
+class DecodeError(PermanentError):
+    """A DICOM object could not be decoded or rendered."""
+
+
+class UnsupportedTask(PermanentError):
+    """The model cannot do what was asked of it."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when `exc` is worth retrying."""
+    return isinstance(exc, TransientError)
