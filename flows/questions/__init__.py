@@ -1,0 +1,95 @@
+"""The question bank: YAML validated by pydantic; its sha256 is its version."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from integrations.errors import ConfigurationError
+from integrations.ports import Question
+
+DEFAULT_BANK = "chest_ct_mr.yaml"
+
+
+class QuestionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    text: str = Field(min_length=3, max_length=500)
+    kind: Literal["closed", "open"] = "closed"
+    modalities: list[str] = Field(min_length=1)
+    body_parts: list[str] | None = None
+    flag_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    critical: bool = False
+    max_new_tokens: int = Field(default=24, ge=1, le=512)
+
+    @field_validator("modalities", "body_parts")
+    @classmethod
+    def _upper(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [s.upper() for s in v]
+
+    @model_validator(mode="after")
+    def _threshold_only_for_closed(self) -> QuestionSpec:
+        if self.kind == "open" and self.flag_threshold is not None:
+            raise ValueError(f'question "{self.id}": flag_threshold applies to closed questions only')
+        return self
+
+    def applies_to(self, modality: str, body_part: str) -> bool:
+        if modality.upper() not in self.modalities:
+            return False
+        return self.body_parts is None or body_part.upper() in self.body_parts
+
+    def as_question(self) -> Question:
+        return Question(id=self.id, text=self.text, kind=self.kind, flag_threshold=self.flag_threshold,
+                        critical=self.critical, max_new_tokens=self.max_new_tokens)
+
+
+class QuestionBank(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    questions: list[QuestionSpec] = Field(min_length=1)
+    version: str = ""
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> QuestionBank:
+        seen: set[str] = set()
+        for q in self.questions:
+            if q.id in seen:
+                raise ValueError(f'question id "{q.id}" appears twice')
+            seen.add(q.id)
+        return self
+
+    def for_image(self, *, modality: str, body_part: str) -> tuple[Question, ...]:
+        return tuple(q.as_question() for q in self.questions if q.applies_to(modality, body_part))
+
+    def by_id(self, question_id: str) -> QuestionSpec:
+        for q in self.questions:
+            if q.id == question_id:
+                return q
+        raise KeyError(question_id)
+
+
+def load_bank(path: Path | None = None) -> QuestionBank:
+    if path is None:
+        raw = resources.files("flows.questions").joinpath(DEFAULT_BANK).read_bytes()
+        where = f"bundled {DEFAULT_BANK}"
+    else:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(f"question bank {path}: cannot be read ({exc.strerror})") from exc
+        where = str(path)
+    try:
+        bank = QuestionBank.model_validate(yaml.safe_load(raw))
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"question bank {where}: not valid YAML: {exc}") from exc
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigurationError(f"question bank {where}: {loc}: {first['msg']}") from exc
+    bank.version = hashlib.sha256(raw).hexdigest()[:12]
+    return bank

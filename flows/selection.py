@@ -1,0 +1,157 @@
+"""Series and view selection as data: rules in YAML (validated by pydantic), applied purely."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from integrations.errors import ConfigurationError
+from integrations.imaging import InstanceInfo
+
+
+class Match(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    modalities: list[str] | None = None
+    body_parts: list[str] | None = None
+    view_positions: list[str] | None = None
+    image_type_any: list[str] | None = None
+    series_description_regex: str | None = None
+    image_sop_class: bool | None = None
+
+    @field_validator("modalities", "body_parts", "view_positions", "image_type_any")
+    @classmethod
+    def _upper(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [s.upper() for s in v]
+
+    @field_validator("series_description_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return v
+
+    def fits(self, info: InstanceInfo) -> bool:
+        if self.image_sop_class is not None and info.is_image_sop_class != self.image_sop_class:
+            return False
+        if self.modalities is not None and info.modality not in self.modalities:
+            return False
+        if self.body_parts is not None and info.body_part not in self.body_parts:
+            return False
+        if self.view_positions is not None and info.view_position not in self.view_positions:
+            return False
+        if self.image_type_any is not None and not set(self.image_type_any) & set(info.image_type):
+            return False
+        return not (
+            self.series_description_regex is not None
+            and not re.search(self.series_description_regex, info.series_description, re.IGNORECASE)
+        )
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    match: Match = Field(default_factory=Match)
+    action: Literal["select", "representative", "skip"]
+    count: int | None = Field(default=None, ge=1, le=256)
+    reason: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Rule:
+        if self.action == "representative" and self.count is None:
+            raise ValueError(f'rule "{self.name}": action "representative" needs a count')
+        if self.action == "skip" and not self.reason:
+            raise ValueError(f'rule "{self.name}": action "skip" needs a reason')
+        return self
+
+
+class RuleSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = 1
+    rules: list[Rule] = Field(min_length=1)
+    sha: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    info: InstanceInfo
+    selected: bool
+    rule: str
+    reason: str
+
+
+def load_rules(path: Path | None = None) -> RuleSet:
+    """Load and validate a rules file (default: the bundled one); errors name the file and the field."""
+    if path is None:
+        text = resources.files("flows").joinpath("selection.yaml").read_text(encoding="utf-8")
+        where = "bundled selection.yaml"
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigurationError(f"rules file {path}: cannot be read ({exc.strerror})") from exc
+        where = str(path)
+    try:
+        data = yaml.safe_load(text)
+        rules = RuleSet.model_validate(data)
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"rules file {where}: not valid YAML: {exc}") from exc
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigurationError(f"rules file {where}: {loc}: {first['msg']}") from exc
+    rules.sha = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return rules
+
+
+def _evenly_spaced(n: int, count: int) -> list[int]:
+    if n <= count:
+        return list(range(n))
+    return sorted({round((i + 1) * (n - 1) / (count + 1)) for i in range(count)})
+
+
+def select(instances: Sequence[InstanceInfo], rules: RuleSet) -> list[Decision]:
+    """One decision per instance, in input order."""
+    decided: dict[int, Decision] = {}
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    rule_of_group: dict[tuple[str, str], Rule] = {}
+    for i, info in enumerate(instances):
+        rule = next((r for r in rules.rules if r.match.fits(info)), None)
+        if rule is None:
+            decided[i] = Decision(info, False, "(none)", f"no rule selects modality {info.modality or '?'}")
+        elif rule.action == "skip":
+            decided[i] = Decision(info, False, rule.name, rule.reason or "skipped")
+        elif rule.action == "select":
+            decided[i] = Decision(info, True, rule.name, "selected")
+        else:
+            key = (rule.name, info.series_instance_uid)
+            groups[key].append(i)
+            rule_of_group[key] = rule
+    for key, members in groups.items():
+        rule = rule_of_group[key]
+        assert rule.count is not None
+        ordered = sorted(
+            members,
+            key=lambda i: (
+                instances[i].slice_position if instances[i].slice_position is not None else float("inf"),
+                instances[i].instance_number or 0,
+            ),
+        )
+        keep = {ordered[j] for j in _evenly_spaced(len(ordered), rule.count)}
+        for i in members:
+            if i in keep:
+                decided[i] = Decision(instances[i], True, rule.name, f"representative slice ({rule.count} per series)")
+            else:
+                decided[i] = Decision(instances[i], False, rule.name, "not a representative slice")
+    return [decided[i] for i in range(len(instances))]

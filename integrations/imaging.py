@@ -1,0 +1,292 @@
+"""DICOM pixels → 8-bit RGB PNG, in a fixed, versioned order.
+
+    decode (pydicom + pylibjpeg/gdcm where installed)
+      → frame
+      → modality LUT (Rescale Slope/Intercept or Modality LUT Sequence)
+      → VOI (VOI LUT Sequence, or Window Center/Width with the first value and its VOI LUT
+             Function LINEAR / LINEAR_EXACT / SIGMOID, or a per-modality default)
+      → MONOCHROME1 inversion
+      → colour (YBR/RGB as decoded, PALETTE COLOR through its LUT)
+      → 8-bit RGB, long edge capped, aspect ratio kept → PNG
+
+`RENDER_PIPELINE_VERSION` changes whenever the output of this module may change; the full
+`render_version` also names the long-edge cap, and is recorded with every image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.uid import UID
+
+from integrations.errors import DecodeError
+
+RENDER_PIPELINE_VERSION = "r1"
+
+# (center, width) used when an image carries no window of its own
+DEFAULT_WINDOWS: dict[str, tuple[float, float]] = {
+    "CT": (40.0, 400.0),  # soft tissue / mediastinum
+}
+
+IMAGE_SOP_CLASS_HINT = "Image Storage"
+
+
+def render_version(max_long_edge: int) -> str:
+    return f"{RENDER_PIPELINE_VERSION}-{max_long_edge}"
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """The header facts selection and prompts need (read without pixel data, no identifiers)."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str = ""
+    body_part: str = ""
+    view_position: str = ""
+    patient_position: str = ""
+    image_type: tuple[str, ...] = ()
+    series_description: str = ""
+    series_number: int | None = None
+    instance_number: int | None = None
+    slice_position: float | None = None
+    number_of_frames: int = 1
+    has_pixels: bool = False
+    rows: int = 0
+    columns: int = 0
+
+    @property
+    def sop_class_name(self) -> str:
+        return UID(self.sop_class_uid).name if self.sop_class_uid else "unknown SOP class"
+
+    @property
+    def is_image_sop_class(self) -> bool:
+        """An image storage SOP class (a private/unknown class counts when it has rows and columns)."""
+        name = self.sop_class_name
+        if name != self.sop_class_uid and name != "unknown SOP class":
+            return "Image Storage" in name
+        return self.rows > 0 and self.columns > 0
+
+
+@dataclass
+class RenderedImage:
+    png: bytes
+    width: int
+    height: int
+    frame: int
+    render_version: str
+    steps: list[str] = field(default_factory=list)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.png).hexdigest()
+
+
+def _str(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _slice_position(ds: Dataset) -> float | None:
+    pos, ori = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+    try:
+        if pos is not None and ori is not None and len(ori) == 6:
+            normal = np.cross(np.asarray(ori[:3], float), np.asarray(ori[3:], float))
+            return float(np.dot(normal, np.asarray(pos, float)))
+        if pos is not None:
+            return float(pos[2])
+    except (TypeError, ValueError, IndexError):
+        return None
+    return None
+
+
+def read_instance_info(path: Path) -> InstanceInfo:
+    """Header only; raises DecodeError for a file that is not DICOM."""
+    try:
+        ds = dcmread(path, force=True, defer_size="4 KB")  # large values (pixels) are not read
+        sop_class = _str(ds, "SOPClassUID") or _str(ds.get("file_meta", Dataset()), "MediaStorageSOPClassUID")
+        if not sop_class and "StudyInstanceUID" not in ds:
+            raise InvalidDicomError("no SOP Class UID and no Study Instance UID")
+        has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+        image_type = ds.get("ImageType", [])
+        image_type_t = tuple(str(v).upper() for v in image_type) if image_type else ()
+
+        def as_int(keyword: str) -> int | None:
+            try:
+                value = ds.get(keyword)
+                return int(value) if value not in (None, "") else None
+            except (TypeError, ValueError):
+                return None
+
+        return InstanceInfo(
+            path=path,
+            sop_class_uid=sop_class,
+            sop_instance_uid=_str(ds, "SOPInstanceUID"),
+            series_instance_uid=_str(ds, "SeriesInstanceUID"),
+            study_instance_uid=_str(ds, "StudyInstanceUID"),
+            modality=_str(ds, "Modality").upper(),
+            body_part=_str(ds, "BodyPartExamined").upper(),
+            view_position=_str(ds, "ViewPosition").upper(),
+            patient_position=_str(ds, "PatientPosition").upper(),
+            image_type=image_type_t,
+            series_description=_str(ds, "SeriesDescription"),
+            series_number=as_int("SeriesNumber"),
+            instance_number=as_int("InstanceNumber"),
+            slice_position=_slice_position(ds),
+            number_of_frames=as_int("NumberOfFrames") or 1,
+            has_pixels=has_pixels,
+            rows=as_int("Rows") or 0,
+            columns=as_int("Columns") or 0,
+        )
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError(f"header could not be read ({type(exc).__name__})") from exc
+
+
+def _first(value: Any) -> float:
+    if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:
+        return float(value[0])
+    return float(value)
+
+
+def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2: map to [0, 1]."""
+    function = function.upper() or "LINEAR"
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (arr - center) / max(width, 1e-6)))
+    if function == "LINEAR_EXACT":
+        width = max(width, 1e-6)
+        return np.clip((arr - (center - width / 2)) / width, 0.0, 1.0)
+    width = max(width, 1.0)
+    return np.clip(((arr - (center - 0.5)) / (width - 1)) + 0.5, 0.0, 1.0)
+
+
+def _normalize(arr: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(arr, (0.5, 99.5)) if arr.size else (0.0, 1.0)
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _grey_to_unit(ds: Dataset, arr: np.ndarray, modality: str, steps: list[str]) -> np.ndarray:
+    values = apply_modality_lut(arr, ds).astype(np.float64)
+    if "ModalityLUTSequence" in ds:
+        steps.append("modality-lut-sequence")
+    elif "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        steps.append("rescale")
+    if "VOILUTSequence" in ds:
+        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
+        steps.append("voi-lut-sequence")
+        return _normalize(out)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = _str(ds, "VOILUTFunction") or "LINEAR"
+        steps.append(f"window({center:g},{width:g},{function.lower()})")
+        return _window(values, center, width, function)
+    if modality in DEFAULT_WINDOWS:
+        center, width = DEFAULT_WINDOWS[modality]
+        steps.append(f"default-window({center:g},{width:g})")
+        return _window(values, center, width, "LINEAR")
+    steps.append("auto-range(p0.5-p99.5)")
+    return _normalize(values)
+
+
+def render(source: Path | Dataset, *, frame: int = 0, max_long_edge: int = 512) -> RenderedImage:
+    """Render one frame to PNG; raises DecodeError (a PermanentError) with a PHI-free reason."""
+    steps: list[str] = []
+    try:
+        ds = source if isinstance(source, Dataset) else dcmread(source, force=True)
+    except Exception as exc:
+        raise DecodeError(f"file could not be parsed as DICOM ({type(exc).__name__})") from exc
+    if "PixelData" not in ds:
+        raise DecodeError("the instance has no Pixel Data element")
+    ts = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds else None
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        ts_text = f"{UID(ts).name} ({ts})" if ts else "unknown transfer syntax"
+        raise DecodeError(f"pixel data could not be decoded, transfer syntax {ts_text}: {type(exc).__name__}: "
+                          f"{_safe_message(exc)}") from exc
+    steps.append("decode")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        if not 0 <= frame < frames:
+            raise DecodeError(f"frame {frame} out of range: the instance has {frames} frames")
+        arr = arr[frame]
+        steps.append(f"frame {frame}/{frames}")
+    elif frame != 0:
+        raise DecodeError(f"frame {frame} out of range: the instance has 1 frame")
+    photometric = _str(ds, "PhotometricInterpretation").upper()
+    modality = _str(ds, "Modality").upper()
+    try:
+        if photometric == "PALETTE COLOR":
+            rgb = apply_color_lut(arr, ds)
+            if rgb.dtype != np.uint8:
+                rgb = (rgb / max(float(rgb.max()), 1.0) * 255.0).round()
+            rgb8 = rgb.astype(np.uint8)
+            steps.append("palette")
+        elif samples == 3:
+            rgb8 = _to_uint8_color(arr)
+            steps.append(f"color({photometric.lower() or 'rgb'})")
+        else:
+            unit = _grey_to_unit(ds, arr, modality, steps)
+            if photometric == "MONOCHROME1":
+                unit = 1.0 - unit
+                steps.append("invert(MONOCHROME1)")
+            grey = np.round(unit * 255.0).astype(np.uint8)
+            rgb8 = np.repeat(grey[..., None], 3, axis=2)
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError(f"pixel values could not be rendered: {type(exc).__name__}: {_safe_message(exc)}") from exc
+    img = PILImage.fromarray(rgb8, mode="RGB")
+    h, w = rgb8.shape[:2]
+    scale = max_long_edge / max(h, w)
+    if scale < 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        img = img.resize(size, PILImage.Resampling.LANCZOS)
+        steps.append(f"resize({w}x{h}->{size[0]}x{size[1]})")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=6)
+    return RenderedImage(
+        png=buf.getvalue(), width=img.width, height=img.height, frame=frame,
+        render_version=render_version(max_long_edge), steps=steps,
+    )
+
+
+def _to_uint8_color(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    hi = float(arr.max()) if arr.size else 1.0
+    return np.round(arr.astype(np.float64) / max(hi, 1.0) * 255.0).astype(np.uint8)
+
+
+def _safe_message(exc: BaseException) -> str:
+    """pydicom's decode messages speak of lengths and syntaxes; cap them and keep one line."""
+    return " ".join(str(exc).split())[:300]
+
+
+def png_to_array(png: bytes) -> np.ndarray:
+    with PILImage.open(io.BytesIO(png)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def frames_of(info: InstanceInfo) -> Sequence[int]:
+    """The frames to render for an instance (first version: the middle one of a multi-frame)."""
+    return [info.number_of_frames // 2] if info.number_of_frames > 1 else [0]

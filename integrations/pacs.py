@@ -1,0 +1,370 @@
+"""DIMSE access to a PACS with pynetdicom: C-ECHO, C-FIND, C-GET and C-MOVE (with our own storage SCP).
+
+`DimseStudySource` implements the `StudySource` port. Every association is a context manager
+that always releases or aborts. pynetdicom's identifier logging (PHI) is switched off.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, build_role, evt
+from pynetdicom import sop_class as sc
+
+from integrations.errors import PeerRefused, RetrievalIncomplete, TransientError
+from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES: list[UID] = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless,
+]
+
+# The storage SOP classes we accept on retrieval (C-GET allows at most 128 contexts in all).
+RETRIEVE_STORAGE_CLASSES: list[UID] = [
+    UID(getattr(sc, name)) for name in (
+        "ComputedRadiographyImageStorage", "DigitalXRayImageStorageForPresentation",
+        "DigitalXRayImageStorageForProcessing", "DigitalMammographyXRayImageStorageForPresentation",
+        "DigitalMammographyXRayImageStorageForProcessing", "CTImageStorage", "EnhancedCTImageStorage",
+        "MRImageStorage", "EnhancedMRImageStorage", "UltrasoundImageStorage", "UltrasoundMultiFrameImageStorage",
+        "SecondaryCaptureImageStorage", "MultiFrameGrayscaleByteSecondaryCaptureImageStorage",
+        "MultiFrameGrayscaleWordSecondaryCaptureImageStorage", "MultiFrameTrueColorSecondaryCaptureImageStorage",
+        "XRayAngiographicImageStorage", "EnhancedXAImageStorage", "XRayRadiofluoroscopicImageStorage",
+        "NuclearMedicineImageStorage", "PositronEmissionTomographyImageStorage",
+        "BasicTextSRStorage", "EnhancedSRStorage", "ComprehensiveSRStorage", "KeyObjectSelectionDocumentStorage",
+        "GrayscaleSoftcopyPresentationStateStorage", "EncapsulatedPDFStorage",
+        "RTStructureSetStorage", "RTDoseStorage", "RTPlanStorage", "TwelveLeadECGWaveformStorage",
+    )
+]
+
+
+def quiet_pynetdicom() -> None:
+    """Never log query identifiers (they hold patient names and IDs); keep pynetdicom's chatter down."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def uid_hash(uid: str) -> str:
+    """A short stable handle for a UID, for logs, file names and failure records."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def association(ae: AE, *, host: str, port: int, called_ae: str, **kwargs: Any) -> Iterator[Any]:
+    """An established association, released (or aborted on error) when the block ends."""
+    try:
+        assoc = ae.associate(host, port, ae_title=called_ae, **kwargs)
+    except OSError as exc:  # pragma: no cover - pynetdicom reports most failures via assoc state
+        raise TransientError(f"cannot connect to PACS {called_ae} at {host}:{port}: {exc}") from exc
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            raise PeerRefused(
+                f"PACS {called_ae} at {host}:{port} rejected the association "
+                f"(check the called AE title and that our AE title is known to it)"
+            )
+        raise TransientError(f"cannot associate with PACS {called_ae} at {host}:{port} (no answer or aborted)")
+    ok = False
+    try:
+        yield assoc
+        ok = True
+    finally:
+        if assoc.is_established:
+            if ok:
+                assoc.release()
+            else:
+                assoc.abort()
+
+
+def _status_error(operation: str, status: Dataset, called_ae: str, calling_ae: str) -> Exception:
+    if "Status" not in status:
+        return PeerRefused(
+            f"PACS {called_ae} aborted the association during {operation} without a status; "
+            f"PACS such as Orthanc do this when the calling AE title {calling_ae!r} is not declared "
+            f"among their DICOM modalities"
+        )
+    code = int(status.Status)
+    if code in (0xA701, 0xA702, 0xA700):
+        return TransientError(f"{operation} failed: PACS {called_ae} is out of resources (0x{code:04X})")
+    if code == 0xA801:
+        return PeerRefused(f"{operation} failed: PACS {called_ae} does not know the move destination (0xA801)")
+    return PeerRefused(f"{operation} failed with status 0x{code:04X} from PACS {called_ae}")
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value)
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+class _StoreSink:
+    """Writes received instances into the folder registered for their study."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._folders: dict[str, Path] = {}
+        self.rejected = 0
+
+    def register(self, study_uid: str, folder: Path) -> None:
+        with self._lock:
+            self._folders[study_uid] = folder
+
+    def unregister(self, study_uid: str) -> None:
+        with self._lock:
+            self._folders.pop(study_uid, None)
+
+    def handle(self, event: Any) -> int:
+        try:
+            ds = event.dataset
+            study_uid = str(ds.get("StudyInstanceUID", ""))
+            sop_uid = str(ds.get("SOPInstanceUID", ""))
+        except Exception:  # a dataset pydicom cannot even parse: refuse it, do not crash the SCP
+            log.warning("refused an instance whose dataset could not be parsed")
+            return 0xC210
+        with self._lock:
+            folder = self._folders.get(study_uid)
+        if folder is None or not sop_uid:
+            self.rejected += 1
+            return 0xA700  # not a study we asked for
+        path = folder / f"{uid_hash(sop_uid)}.dcm"
+        with path.open("wb") as fh:
+            fh.write(event.encoded_dataset())
+        return 0x0000
+
+
+class DimseStudySource:
+    """A PACS reached over DIMSE. Use as a context manager when retrieving by C-MOVE."""
+
+    def __init__(
+        self, *, name: str, host: str, port: int, called_ae: str, calling_ae: str = "NIGHTREAD",
+        retrieve: str = "get", move_port: int = 0, timeout_s: float = 30.0,
+    ) -> None:
+        if retrieve not in ("get", "move"):
+            raise ValueError(f'retrieve must be "get" or "move", not {retrieve!r}')
+        self.name = name
+        self.host, self.port = host, port
+        self.called_ae, self.calling_ae = called_ae, calling_ae
+        self.retrieve = retrieve
+        self.timeout_s = timeout_s
+        self._move_port = move_port
+        self._move_server: Any = None
+        self._sink = _StoreSink()
+        self._server_lock = threading.Lock()
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def __enter__(self) -> DimseStudySource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._server_lock:
+            if self._move_server is not None:
+                self._move_server.shutdown()
+                self._move_server = None
+
+    def _ae(self) -> AE:
+        quiet_pynetdicom()
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+        ae.maximum_pdu_size = 0
+        return ae
+
+    def _connect(self, ae: AE, **kwargs: Any) -> Any:
+        return association(ae, host=self.host, port=self.port, called_ae=self.called_ae, **kwargs)
+
+    # --- verification and query ----------------------------------------------------------------------
+    def echo(self) -> None:
+        ae = self._ae()
+        ae.add_requested_context(sc.Verification)
+        with self._connect(ae) as assoc:
+            status = assoc.send_c_echo()
+            if "Status" not in status or int(status.Status) != 0:
+                raise _status_error("C-ECHO", status, self.called_ae, self.calling_ae)
+
+    def _find(self, identifier: Dataset) -> list[Dataset]:
+        ae = self._ae()
+        ae.add_requested_context(sc.StudyRootQueryRetrieveInformationModelFind)
+        out: list[Dataset] = []
+        with self._connect(ae) as assoc:
+            for status, ds in assoc.send_c_find(identifier, sc.StudyRootQueryRetrieveInformationModelFind):
+                if "Status" not in status:
+                    raise _status_error("C-FIND", status, self.called_ae, self.calling_ae)
+                code = int(status.Status)
+                if code in (0xFF00, 0xFF01):
+                    if ds is not None:
+                        out.append(ds)
+                elif code != 0x0000:
+                    raise _status_error("C-FIND", status, self.called_ae, self.calling_ae)
+        return out
+
+    def find_studies(self, *, since: dt.datetime | None, modalities: Sequence[str] = ()) -> list[StudyRef]:
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = ""
+        q.StudyDate = f"{since:%Y%m%d}-" if since else ""
+        q.StudyTime = ""
+        q.AccessionNumber = ""
+        q.StudyDescription = ""
+        q.ModalitiesInStudy = modalities[0] if len(modalities) == 1 else ""
+        q.NumberOfStudyRelatedInstances = ""
+        refs = []
+        wanted = {m.upper() for m in modalities}
+        floor = (f"{since:%Y%m%d}", f"{since:%H%M%S}") if since else ("", "")
+        for ds in self._find(q):
+            mods = ds.get("ModalitiesInStudy", "")
+            mod_tuple = tuple(str(m) for m in mods) if getattr(mods, "VM", 1) > 1 else ((str(mods),) if mods else ())
+            ref = StudyRef(
+                study_instance_uid=_text(ds, "StudyInstanceUID"), study_date=_text(ds, "StudyDate"),
+                study_time=_text(ds, "StudyTime"), accession_number=_text(ds, "AccessionNumber"),
+                modalities=mod_tuple, description=_text(ds, "StudyDescription"),
+                number_of_instances=_int(ds, "NumberOfStudyRelatedInstances"),
+            )
+            if not ref.study_instance_uid or ref.sort_key < floor:
+                continue
+            if wanted and not wanted & set(mod_tuple):
+                continue
+            refs.append(ref)
+        return sorted(refs, key=lambda r: r.sort_key)
+
+    def find_series(self, study_instance_uid: str) -> list[SeriesRef]:
+        q = Dataset()
+        q.QueryRetrieveLevel = "SERIES"
+        q.StudyInstanceUID = study_instance_uid
+        q.SeriesInstanceUID = ""
+        q.Modality = ""
+        q.SeriesNumber = ""
+        q.SeriesDescription = ""
+        q.BodyPartExamined = ""
+        q.NumberOfSeriesRelatedInstances = ""
+        return [
+            SeriesRef(
+                series_instance_uid=_text(ds, "SeriesInstanceUID"), modality=_text(ds, "Modality"),
+                series_number=_int(ds, "SeriesNumber"), description=_text(ds, "SeriesDescription"),
+                body_part=_text(ds, "BodyPartExamined"),
+                number_of_instances=_int(ds, "NumberOfSeriesRelatedInstances"),
+            )
+            for ds in self._find(q)
+        ]
+
+    # --- retrieval -----------------------------------------------------------------------------------
+    def retrieve_study(self, study_instance_uid: str, *, dest: Path, expected: int | None = None) -> RetrievedStudy:
+        dest.mkdir(parents=True, exist_ok=True)
+        self._sink.register(study_instance_uid, dest)
+        try:
+            if self.retrieve == "move":
+                self._c_move(study_instance_uid)
+            else:
+                self._c_get(study_instance_uid)
+        finally:
+            self._sink.unregister(study_instance_uid)
+        files = tuple(sorted(dest.glob("*.dcm")))
+        if expected is not None and len(files) < expected:
+            raise RetrievalIncomplete(expected=expected, received=len(files))
+        return RetrievedStudy(study_instance_uid, dest, files, expected)
+
+    def _identifier(self, study_instance_uid: str) -> Dataset:
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = study_instance_uid
+        return q
+
+    def _check_final(self, operation: str, final: Dataset | None) -> None:
+        if final is None:
+            raise TransientError(f"{operation}: PACS {self.called_ae} sent no final status")
+        if "Status" not in final:
+            raise _status_error(operation, final, self.called_ae, self.calling_ae)
+        code = int(final.Status)
+        failed = _int(final, "NumberOfFailedSuboperations") or 0
+        if code == 0x0000 or (code == 0xB000 and failed == 0):
+            return
+        if code == 0xB000:
+            log.warning("%s finished with %d failed sub-operations", operation, failed)
+            return  # the instance count check decides whether the study is complete
+        raise _status_error(operation, final, self.called_ae, self.calling_ae)
+
+    def _c_get(self, study_instance_uid: str) -> None:
+        ae = self._ae()
+        ae.add_requested_context(sc.StudyRootQueryRetrieveInformationModelGet)
+        roles = []
+        for sop_class in RETRIEVE_STORAGE_CLASSES:
+            ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
+            roles.append(build_role(sop_class, scp_role=True))
+        handlers = [(evt.EVT_C_STORE, self._sink.handle)]
+        final = None
+        with self._connect(ae, ext_neg=roles, evt_handlers=handlers) as assoc:
+            for status, _ in assoc.send_c_get(
+                self._identifier(study_instance_uid), sc.StudyRootQueryRetrieveInformationModelGet
+            ):
+                if "Status" not in status:
+                    raise _status_error("C-GET", status, self.called_ae, self.calling_ae)
+                if int(status.Status) not in (0xFF00, 0xFF01):
+                    final = status
+        self._check_final("C-GET", final)
+
+    def _ensure_move_server(self) -> None:
+        with self._server_lock:
+            if self._move_server is not None:
+                return
+            ae = self._ae()
+            for sop_class in RETRIEVE_STORAGE_CLASSES:
+                ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+            self._move_server = ae.start_server(
+                ("127.0.0.1" if self.host in ("127.0.0.1", "localhost") else "0.0.0.0", self._move_port),
+                block=False, evt_handlers=[(evt.EVT_C_STORE, self._sink.handle)],
+            )
+
+    @property
+    def move_port(self) -> int:
+        """The port our storage SCP listens on for C-MOVE (started on first use)."""
+        self._ensure_move_server()
+        return int(self._move_server.server_address[1])
+
+    def _c_move(self, study_instance_uid: str) -> None:
+        self._ensure_move_server()
+        ae = self._ae()
+        ae.add_requested_context(sc.StudyRootQueryRetrieveInformationModelMove)
+        final = None
+        with self._connect(ae) as assoc:
+            for status, _ in assoc.send_c_move(
+                self._identifier(study_instance_uid), self.calling_ae,
+                sc.StudyRootQueryRetrieveInformationModelMove,
+            ):
+                if "Status" not in status:
+                    raise _status_error("C-MOVE", status, self.called_ae, self.calling_ae)
+                if int(status.Status) not in (0xFF00, 0xFF01):
+                    final = status
+        self._check_final("C-MOVE", final)

@@ -1,0 +1,221 @@
+"""The VLM engine: loads a checkpoint through transformers' Auto classes and answers three kinds of task.
+
+- captions and open questions: greedy generation with a token cap;
+- closed questions: scoring, not generation. The image and the shared prompt prefix are encoded
+  once; their KV cache is repeated for the K questions, which run in one batched forward; P(yes)
+  is the softmax over the logits of every yes/no token variant of the tokenizer at the answer
+  position, divided by the model's temperature.
+
+The engine is what runs in-process (LocalAnnotator) and inside Triton's Python backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from integrations.errors import ConfigurationError, UnsupportedTask
+
+log = logging.getLogger(__name__)
+
+SENTINEL = "\ue000QUESTION\ue000"
+YES_WORDS = frozenset({"yes"})
+NO_WORDS = frozenset({"no"})
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    trust_remote_code: bool = False
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def resolve_device(device: str) -> str:
+    torch = _torch()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    torch = _torch()
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ConfigurationError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}") from None
+
+
+class VlmEngine:
+    """One loaded checkpoint. Thread-safe: calls are serialised (a model is one device's work)."""
+
+    def __init__(self, checkpoint: str | Path, *, options: EngineOptions = EngineOptions(),
+                 revision: str | None = None) -> None:
+        torch = _torch()
+        import transformers
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        transformers.utils.logging.disable_progress_bar()
+        self.checkpoint = str(checkpoint)
+        self.device = resolve_device(options.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        self.options = options
+        self._lock = threading.Lock()
+        kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": options.trust_remote_code}
+        config = AutoConfig.from_pretrained(self.checkpoint, **kwargs)
+        self.family = str(config.model_type)
+        self.captions_only = self.family == "vision-encoder-decoder"
+        if self.captions_only:
+            from transformers import VisionEncoderDecoderModel
+
+            self.model = VisionEncoderDecoderModel.from_pretrained(self.checkpoint, dtype=self.dtype, **kwargs)
+        else:
+            self.model = AutoModelForImageTextToText.from_pretrained(self.checkpoint, dtype=self.dtype, **kwargs)
+        self.model.to(self.device).eval()
+        self.processor = AutoProcessor.from_pretrained(self.checkpoint, **kwargs)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.yes_ids, self.no_ids = ([], []) if self.captions_only else self._answer_token_ids()
+        if not self.captions_only and (not self.yes_ids or not self.no_ids):
+            raise ConfigurationError(f"the tokenizer of {self.family} has no single token for yes/no")
+        self._torch = torch
+
+    # --- vocabulary ------------------------------------------------------------------------------------
+    def _answer_token_ids(self) -> tuple[list[int], list[int]]:
+        """Every vocabulary entry that decodes to yes / no in any case or spacing ("Yes", " yes", "▁YES")."""
+        yes, no = [], []
+        vocab = self.tokenizer.get_vocab()
+        special = set(getattr(self.tokenizer, "all_special_ids", []))
+        for token, idx in vocab.items():
+            if idx in special or len(token) > 8:
+                continue
+            word = self.tokenizer.convert_tokens_to_string([token]).strip().lower()
+            if word in YES_WORDS:
+                yes.append(idx)
+            elif word in NO_WORDS:
+                no.append(idx)
+        return sorted(yes), sorted(no)
+
+    # --- prompts -------------------------------------------------------------------------------------
+    def _chat(self, text: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return str(self.processor.apply_chat_template(messages, add_generation_prompt=True))
+
+    def split_prompt(self, context: str) -> tuple[str, str]:
+        """(prefix with the image and `context`, suffix template that follows each question)."""
+        full = self._chat(f"{context}\n{SENTINEL}" if context else SENTINEL)
+        prefix, _, suffix = full.partition(SENTINEL)
+        return prefix, suffix
+
+    def _inputs(self, texts: list[str], images: list[Any]) -> Any:
+        self.tokenizer.padding_side = "left"
+        batch = self.processor(text=texts, images=[[im] for im in images], padding=True, return_tensors="pt")
+        return batch.to(self.device)
+
+    # --- tasks -----------------------------------------------------------------------------------------
+    def generate(self, image: Any, prompt: str, *, max_new_tokens: int, min_new_tokens: int = 0) -> str:
+        """Greedy generation for a caption or an open question (`prompt` is the user's text)."""
+        torch = self._torch
+        with self._lock, torch.inference_mode():
+            if self.captions_only:
+                pixel_values = self.processor(images=image, return_tensors="pt").pixel_values
+                out = self.model.generate(pixel_values.to(self.device, self.dtype), max_new_tokens=max_new_tokens,
+                                          min_new_tokens=min_new_tokens, do_sample=False)
+                return _printable(str(self.processor.batch_decode(out, skip_special_tokens=True)[0]))
+            inputs = self._inputs([self._chat(prompt)], [image])
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                      do_sample=False)
+            new = out[:, inputs["input_ids"].shape[1]:]
+            text = str(self.processor.batch_decode(new, skip_special_tokens=True)[0])
+            return _printable(text.split("\n")[0])
+
+    def p_yes_shared(self, image: Any, context: str, questions: Sequence[str], *,
+                     temperature: float = 1.0) -> tuple[list[float], dict[str, float]]:
+        """P(yes) for each question with the image + context prefix encoded once."""
+        if self.captions_only:
+            raise UnsupportedTask(f"model family {self.family} writes captions only; it cannot answer questions")
+        if not questions:
+            return [], {}
+        torch = self._torch
+        timings: dict[str, float] = {}
+        with self._lock, torch.inference_mode():
+            t0 = time.perf_counter()
+            prefix, suffix_tpl = self.split_prompt(context)
+            pre = self.processor(text=[prefix], images=[[image]], return_tensors="pt").to(self.device)
+            out = self.model(**pre, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            timings["prefix_ms"] = (time.perf_counter() - t0) * 1000
+            t1 = time.perf_counter()
+            k, p_len = len(questions), pre["input_ids"].shape[1]
+            self.tokenizer.padding_side = "right"
+            suf = self.tokenizer([q + suffix_tpl for q in questions], add_special_tokens=False, padding=True,
+                                 return_tensors="pt").to(self.device)
+            cache.batch_repeat_interleave(k)
+            attn = torch.cat([pre["attention_mask"].repeat(k, 1), suf["attention_mask"]], dim=1)
+            extra: dict[str, Any] = {}
+            deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
+            if deltas is not None:  # Qwen2/2.5-VL M-RoPE: positions after the image = cache position + delta
+                s_len = suf["input_ids"].shape[1]
+                pos = torch.arange(p_len, p_len + s_len, device=self.device) + deltas.to(self.device).view(-1, 1)
+                extra["position_ids"] = pos.view(1, 1, s_len).expand(3, k, s_len)
+            o2 = self.model(input_ids=suf["input_ids"], attention_mask=attn, past_key_values=cache, use_cache=True,
+                            **extra)
+            last = suf["attention_mask"].sum(1) - 1
+            logits = o2.logits[torch.arange(k, device=self.device), last]
+            probs = self._p_yes(logits, temperature)
+            timings["scoring_ms"] = (time.perf_counter() - t1) * 1000
+        return probs, timings
+
+    def p_yes_full(self, image: Any, context: str, question: str, *, temperature: float = 1.0) -> float:
+        """The same probability from one full forward without a cache (the reference for P2)."""
+        torch = self._torch
+        prefix, suffix_tpl = self.split_prompt(context)
+        with self._lock, torch.inference_mode():
+            pre = self.processor(text=[prefix], images=[[image]], return_tensors="pt")
+            suf = self.tokenizer(question + suffix_tpl, add_special_tokens=False, return_tensors="pt")
+            batch = {k: v for k, v in pre.items()}
+            batch["input_ids"] = torch.cat([pre["input_ids"], suf["input_ids"]], dim=1)
+            batch["attention_mask"] = torch.cat([pre["attention_mask"], suf["attention_mask"]], dim=1)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            out = self.model(**batch, use_cache=False, logits_to_keep=1)
+            return self._p_yes(out.logits[:, -1, :], temperature)[0]
+
+    def _p_yes(self, logits: Any, temperature: float) -> list[float]:
+        torch = self._torch
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        ly = torch.logsumexp(lp[:, self.yes_ids], dim=-1)
+        ln = torch.logsumexp(lp[:, self.no_ids], dim=-1)
+        return [float(p) for p in torch.sigmoid((ly - ln) / max(temperature, 1e-6)).tolist()]
+
+
+def _printable(text: str) -> str:
+    return "".join(ch for ch in text if ch.isprintable()).strip()
+
+
+_ENGINES: dict[tuple[str, str | None, EngineOptions], VlmEngine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def load_engine(checkpoint: str | Path, *, options: EngineOptions = EngineOptions(),
+                revision: str | None = None) -> VlmEngine:
+    """The engine for a checkpoint, loaded once per process."""
+    key = (str(checkpoint), revision, options)
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            t0 = time.perf_counter()
+            engine = VlmEngine(checkpoint, options=options, revision=revision)
+            log.info("loaded %s (%s) in %.1f s", engine.family, engine.device, time.perf_counter() - t0)
+            _ENGINES[key] = engine
+        return engine

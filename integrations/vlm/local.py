@@ -1,0 +1,140 @@
+"""LocalAnnotator: the Annotator port on an in-process engine, and how its checkpoint is found."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from integrations.errors import ConfigurationError
+from integrations.ports import Answer, AnnotationRequest, AnnotationResult, ModelInfo
+from integrations.vlm import prompts
+from integrations.vlm.engine import EngineOptions, VlmEngine, load_engine
+from integrations.vlm.tiny import build_tiny, tiny_info
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    path: Path
+    name: str
+    revision: str
+    offline_stand_in: bool
+    note: str = ""
+
+
+def _folder_revision(folder: Path) -> str:
+    """A content hash of a local checkpoint's config and weights index (cheap, stable)."""
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors", ".jinja")):
+        path = folder / name
+        h.update(name.encode())
+        if path.suffix == ".safetensors":
+            h.update(str(path.stat().st_size).encode())
+            with path.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+        else:
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def resolve_checkpoint(
+    model: str, *, revision: str | None, cache_dir: Path, offline_fallback: bool, tiny_family: str,
+    hub_timeout_s: float = 10.0,
+) -> ResolvedCheckpoint:
+    """A local folder as it is; a hub id from the local cache or the hub; else (when allowed) a tiny
+    random model of `tiny_family`, built once under `cache_dir`, plainly labelled as such."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        info = tiny_info(local)
+        return ResolvedCheckpoint(
+            path=local.resolve(), name=f"tiny-random-{info['family']}" if info else local.name,
+            revision=revision or _folder_revision(local), offline_stand_in=info is not None,
+        )
+    reason = ""
+    try:
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(model, revision=revision, local_files_only=True))
+        except Exception:
+            path = Path(snapshot_download(model, revision=revision, etag_timeout=hub_timeout_s))
+        return ResolvedCheckpoint(path=path, name=model, revision=path.name, offline_stand_in=False)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    if not offline_fallback:
+        raise ConfigurationError(f"model {model!r} cannot be loaded (not cached, hub unreachable: {reason})")
+    folder = cache_dir / f"tiny-{tiny_family}"
+    if tiny_info(folder) is None:
+        build_tiny(tiny_family, folder)
+    note = (f"model {model!r} could not be loaded (no network and not cached); using a tiny randomly "
+            f"initialised {tiny_family} model instead: its answers mean nothing")
+    return ResolvedCheckpoint(path=folder, name=f"tiny-random-{tiny_family}", revision=_folder_revision(folder),
+                              offline_stand_in=True, note=note)
+
+
+class LocalAnnotator:
+    """Runs the engine in this process."""
+
+    backend = "local"
+
+    def __init__(self, engine: VlmEngine, *, name: str, revision: str, offline_stand_in: bool = False,
+                 temperature: float = 1.0) -> None:
+        self.engine = engine
+        self.temperature = temperature
+        self._info = ModelInfo(
+            name=name, revision=revision, backend=self.backend,
+            options={"dtype": str(engine.dtype).removeprefix("torch."), "family": engine.family,
+                     "prompt_version": prompts.PROMPT_VERSION},
+            offline_stand_in=offline_stand_in,
+        )
+
+    @classmethod
+    def from_checkpoint(cls, resolved: ResolvedCheckpoint, *, options: EngineOptions = EngineOptions(),
+                        temperature: float = 1.0) -> LocalAnnotator:
+        engine = load_engine(resolved.path, options=options)
+        return cls(engine, name=resolved.name, revision=resolved.revision,
+                   offline_stand_in=resolved.offline_stand_in, temperature=temperature)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    def annotate(self, requests: Sequence[AnnotationRequest]) -> list[AnnotationResult]:
+        return [self._one(r) for r in requests]
+
+    def _one(self, request: AnnotationRequest) -> AnnotationResult:
+        from PIL import Image as PILImage
+
+        image = PILImage.open(io.BytesIO(request.image_png)).convert("RGB")
+        timings: dict[str, float] = {}
+        caption = None
+        if request.caption:
+            t0 = time.perf_counter()
+            caption = self.engine.generate(image, prompts.caption_prompt(request.context),
+                                           max_new_tokens=request.caption_max_new_tokens)
+            timings["caption_ms"] = (time.perf_counter() - t0) * 1000
+        closed = [q for q in request.questions if q.kind == "closed"]
+        answers: list[Answer] = []
+        if closed:
+            probs, t = self.engine.p_yes_shared(
+                image, prompts.context_text(request.context), [prompts.closed_question(q.text) for q in closed],
+                temperature=self.temperature,
+            )
+            timings.update(t)
+            answers += [Answer(q.id, "yes" if p >= 0.5 else "no", p) for q, p in zip(closed, probs, strict=True)]
+        t0 = time.perf_counter()
+        for q in request.questions:
+            if q.kind == "open":
+                text = self.engine.generate(image, prompts.open_question(request.context, q.text),
+                                            max_new_tokens=q.max_new_tokens)
+                answers.append(Answer(q.id, text, None))
+        if any(q.kind == "open" for q in request.questions):
+            timings["open_ms"] = (time.perf_counter() - t0) * 1000
+        return AnnotationResult(caption=caption, answers=answers, prompt_version=prompts.PROMPT_VERSION,
+                                timings_ms=timings)
