@@ -77,9 +77,7 @@ class Image(SQLModel, table=True):
 
 class ModelVersion(SQLModel, table=True):
     __tablename__ = "model_version"
-    __table_args__ = (
-        UniqueConstraint("name", "revision", "backend", "options_hash", name="uq_model_version"),
-    )
+    __table_args__ = (UniqueConstraint("name", "revision", "backend", "options_hash", name="uq_model_version"),)
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=255)
     revision: str = Field(max_length=64)
@@ -93,9 +91,7 @@ class ModelVersion(SQLModel, table=True):
 
 class Caption(SQLModel, table=True):
     __tablename__ = "caption"
-    __table_args__ = (
-        UniqueConstraint("image_id", "model_version_id", "prompt_version", name="uq_caption_key"),
-    )
+    __table_args__ = (UniqueConstraint("image_id", "model_version_id", "prompt_version", name="uq_caption_key"),)
     id: int | None = Field(default=None, primary_key=True)
     image_id: int = Field(foreign_key="image.id", index=True)
     model_version_id: int = Field(foreign_key="model_version.id")

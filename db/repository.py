@@ -57,14 +57,18 @@ def pseudonym(value: str, *, namespace: str) -> str:
 
 
 def upsert_source(
-    *, session: Session, name: str, kind: str, ae_title: str | None = None, host: str | None = None,
-    port: int | None = None, url: str | None = None,
+    *,
+    session: Session,
+    name: str,
+    kind: str,
+    ae_title: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    url: str | None = None,
 ) -> PacsSource:
     values = {"name": name, "kind": kind, "ae_title": ae_title, "host": host, "port": port, "url": url}
     stmt = _insert(session, PacsSource).values(**values, updated_at=utcnow())
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["name"], set_={k: v for k, v in values.items() if k != "name"}
-    )
+    stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={k: v for k, v in values.items() if k != "name"})
     session.exec(stmt)
     return session.exec(select(PacsSource).where(PacsSource.name == name)).one()
 
@@ -147,22 +151,38 @@ def options_hash(options: Mapping[str, Any]) -> str:
 
 
 def upsert_model_version(
-    *, session: Session, name: str, revision: str, backend: str, options: Mapping[str, Any],
+    *,
+    session: Session,
+    name: str,
+    revision: str,
+    backend: str,
+    options: Mapping[str, Any],
     offline_stand_in: bool = False,
 ) -> ModelVersion:
     ohash = options_hash(options)
     _insert_ignore(
         session,
         ModelVersion,
-        [{"name": name, "revision": revision, "backend": backend, "options_hash": ohash,
-          "options": dict(options), "offline_stand_in": offline_stand_in, "temperature": 1.0,
-          "created_at": utcnow()}],
+        [
+            {
+                "name": name,
+                "revision": revision,
+                "backend": backend,
+                "options_hash": ohash,
+                "options": dict(options),
+                "offline_stand_in": offline_stand_in,
+                "temperature": 1.0,
+                "created_at": utcnow(),
+            }
+        ],
         ["name", "revision", "backend", "options_hash"],
     )
     return session.exec(
         select(ModelVersion).where(
-            ModelVersion.name == name, ModelVersion.revision == revision,
-            ModelVersion.backend == backend, ModelVersion.options_hash == ohash,
+            ModelVersion.name == name,
+            ModelVersion.revision == revision,
+            ModelVersion.backend == backend,
+            ModelVersion.options_hash == ohash,
         )
     ).one()
 
@@ -183,7 +203,8 @@ def annotated_image_ids(
         return set()
     done = session.exec(
         select(Finding.image_id).where(
-            col(Finding.image_id).in_(image_ids), Finding.model_version_id == model_version_id,
+            col(Finding.image_id).in_(image_ids),
+            Finding.model_version_id == model_version_id,
             Finding.bank_version == bank_version,
         )
     ).all()
@@ -199,20 +220,39 @@ def annotated_image_ids(
 
 
 def record_failure(
-    *, session: Session, stage: str, object_ref: str, error: BaseException | str, study_id: int | None = None,
+    *,
+    session: Session,
+    stage: str,
+    object_ref: str,
+    error: BaseException | str,
+    study_id: int | None = None,
     run_id: int | None = None,
 ) -> None:
     """Record (or count again) a failure; the message must already be free of PHI."""
     error_class = type(error).__name__ if isinstance(error, BaseException) else "Error"
     message = (str(error) if isinstance(error, BaseException) else error)[:1000] or error_class
     stmt = _insert(session, Failure).values(
-        stage=stage, object_ref=object_ref, error_class=error_class, message=message, study_id=study_id,
-        run_id=run_id, attempts=1, resolved=False, created_at=utcnow(), updated_at=utcnow(),
+        stage=stage,
+        object_ref=object_ref,
+        error_class=error_class,
+        message=message,
+        study_id=study_id,
+        run_id=run_id,
+        attempts=1,
+        resolved=False,
+        created_at=utcnow(),
+        updated_at=utcnow(),
     )
     stmt = stmt.on_conflict_do_update(
         index_elements=["stage", "object_ref"],
-        set_={"attempts": Failure.attempts + 1, "error_class": error_class, "message": message,
-              "run_id": run_id, "resolved": False, "updated_at": utcnow()},
+        set_={
+            "attempts": Failure.attempts + 1,
+            "error_class": error_class,
+            "message": message,
+            "run_id": run_id,
+            "resolved": False,
+            "updated_at": utcnow(),
+        },
     )
     session.exec(stmt)
 
@@ -257,8 +297,12 @@ def status_counts(*, session: Session) -> dict[str, Any]:
         "flags": count(Finding, col(Finding.flagged).is_(True)),
         "failures": count(Failure, col(Failure.resolved).is_(False)),
         "model_versions": count(ModelVersion),
-        "last_run": None if last is None else {
-            "id": last.id, "kind": last.kind, "status": last.status,
+        "last_run": None
+        if last is None
+        else {
+            "id": last.id,
+            "kind": last.kind,
+            "status": last.status,
             "started_at": last.started_at.isoformat(timespec="seconds"),
             "finished_at": last.finished_at.isoformat(timespec="seconds") if last.finished_at else None,
             "counts": last.counts,

@@ -27,9 +27,7 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, echo: bo
             cur.close()
 
         return engine
-    return create_engine(
-        url, echo=echo, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
-    )
+    return create_engine(url, echo=echo, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)
 
 
 @contextmanager

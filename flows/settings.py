@@ -38,19 +38,17 @@ class StorageSettings(BaseModel):
 
 
 class PacsSettings(BaseModel):
-    kind: Literal["sample", "dimse"] = Field(
-        default="sample", description="sample: the built-in sample PACS started in-process; dimse: a real PACS"
-    )
-    name: str = "default"
+    kind: Literal["dimse"] = Field(default="dimse", description="how the PACS is reached")
+    name: str = "sample-pacs"
     host: str = "127.0.0.1"
     port: int = Field(default=11112, ge=0, le=65535)
     called_ae: str = "SAMPLEPACS"
     calling_ae: str = "NIGHTREAD"
     retrieve: Literal["get", "move"] = "get"
+    move_port: int = Field(default=0, ge=0, le=65535, description="our storage SCP port for C-MOVE (0: any)")
     timeout_s: float = Field(default=30.0, gt=0)
     modalities: list[str] = Field(default_factory=list, description="only studies with these modalities")
     lookback_days: int = Field(default=7, ge=0, description="first discovery looks back this far")
-    sample_studies_seed: int = 7
 
     @field_validator("called_ae", "calling_ae")
     @classmethod
@@ -77,9 +75,7 @@ class InferenceSettings(BaseModel):
 
 
 class RenderSettings(BaseModel):
-    max_long_edge: int = Field(default=512, ge=32, le=8192)
-    ct_slices_per_series: int = Field(default=3, ge=1, le=64)
-    mr_slices_per_series: int = Field(default=3, ge=1, le=64)
+    max_long_edge: int = Field(default=512, ge=32, le=8192, description="long edge of rendered images, pixels")
 
 
 class FlowSettings(BaseModel):

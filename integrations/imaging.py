@@ -118,7 +118,7 @@ def read_instance_info(path: Path) -> InstanceInfo:
     """Header only; raises DecodeError for a file that is not DICOM."""
     try:
         ds = dcmread(path, force=True, defer_size="4 KB")  # large values (pixels) are not read
-        sop_class = _str(ds, "SOPClassUID") or _str(ds.get("file_meta", Dataset()), "MediaStorageSOPClassUID")
+        sop_class = _str(ds, "SOPClassUID") or _str(getattr(ds, "file_meta", Dataset()), "MediaStorageSOPClassUID")
         if not sop_class and "StudyInstanceUID" not in ds:
             raise InvalidDicomError("no SOP Class UID and no Study Instance UID")
         has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
@@ -158,10 +158,17 @@ def read_instance_info(path: Path) -> InstanceInfo:
         raise DecodeError(f"header could not be read ({type(exc).__name__})") from exc
 
 
+def values_of(value: Any) -> list[Any]:
+    """A DICOM element value as a list, whatever its multiplicity (MultiValue, list, scalar, empty)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return [value]
+    return list(value)
+
+
 def _first(value: Any) -> float:
-    if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:
-        return float(value[0])
-    return float(value)
+    return float(values_of(value)[0])
 
 
 def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -215,13 +222,15 @@ def render(source: Path | Dataset, *, frame: int = 0, max_long_edge: int = 512) 
         raise DecodeError(f"file could not be parsed as DICOM ({type(exc).__name__})") from exc
     if "PixelData" not in ds:
         raise DecodeError("the instance has no Pixel Data element")
-    ts = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds else None
+    file_meta = getattr(ds, "file_meta", None)
+    ts = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     try:
         arr = ds.pixel_array
     except Exception as exc:
         ts_text = f"{UID(ts).name} ({ts})" if ts else "unknown transfer syntax"
-        raise DecodeError(f"pixel data could not be decoded, transfer syntax {ts_text}: {type(exc).__name__}: "
-                          f"{_safe_message(exc)}") from exc
+        raise DecodeError(
+            f"pixel data could not be decoded, transfer syntax {ts_text}: {type(exc).__name__}: {_safe_message(exc)}"
+        ) from exc
     steps.append("decode")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -265,8 +274,12 @@ def render(source: Path | Dataset, *, frame: int = 0, max_long_edge: int = 512) 
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=6)
     return RenderedImage(
-        png=buf.getvalue(), width=img.width, height=img.height, frame=frame,
-        render_version=render_version(max_long_edge), steps=steps,
+        png=buf.getvalue(),
+        width=img.width,
+        height=img.height,
+        frame=frame,
+        render_version=render_version(max_long_edge),
+        steps=steps,
     )
 
 

@@ -17,12 +17,12 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -35,30 +35,60 @@ from pynetdicom import AE, _config, build_role, evt
 from pynetdicom import sop_class as sc
 
 from integrations.errors import PeerRefused, RetrievalIncomplete, TransientError
+from integrations.imaging import values_of
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
 
 log = logging.getLogger(__name__)
 
 TRANSFER_SYNTAXES: list[UID] = [
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
-    JPEG2000Lossless, JPEG2000, RLELossless,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
 ]
 
 # The storage SOP classes we accept on retrieval (C-GET allows at most 128 contexts in all).
 RETRIEVE_STORAGE_CLASSES: list[UID] = [
-    UID(getattr(sc, name)) for name in (
-        "ComputedRadiographyImageStorage", "DigitalXRayImageStorageForPresentation",
-        "DigitalXRayImageStorageForProcessing", "DigitalMammographyXRayImageStorageForPresentation",
-        "DigitalMammographyXRayImageStorageForProcessing", "CTImageStorage", "EnhancedCTImageStorage",
-        "MRImageStorage", "EnhancedMRImageStorage", "UltrasoundImageStorage", "UltrasoundMultiFrameImageStorage",
-        "SecondaryCaptureImageStorage", "MultiFrameGrayscaleByteSecondaryCaptureImageStorage",
-        "MultiFrameGrayscaleWordSecondaryCaptureImageStorage", "MultiFrameTrueColorSecondaryCaptureImageStorage",
-        "XRayAngiographicImageStorage", "EnhancedXAImageStorage", "XRayRadiofluoroscopicImageStorage",
-        "NuclearMedicineImageStorage", "PositronEmissionTomographyImageStorage",
-        "BasicTextSRStorage", "EnhancedSRStorage", "ComprehensiveSRStorage", "KeyObjectSelectionDocumentStorage",
-        "GrayscaleSoftcopyPresentationStateStorage", "EncapsulatedPDFStorage",
-        "RTStructureSetStorage", "RTDoseStorage", "RTPlanStorage", "TwelveLeadECGWaveformStorage",
+    UID(getattr(sc, name))
+    for name in (
+        "ComputedRadiographyImageStorage",
+        "DigitalXRayImageStorageForPresentation",
+        "DigitalXRayImageStorageForProcessing",
+        "DigitalMammographyXRayImageStorageForPresentation",
+        "DigitalMammographyXRayImageStorageForProcessing",
+        "CTImageStorage",
+        "EnhancedCTImageStorage",
+        "MRImageStorage",
+        "EnhancedMRImageStorage",
+        "UltrasoundImageStorage",
+        "UltrasoundMultiFrameImageStorage",
+        "SecondaryCaptureImageStorage",
+        "MultiFrameGrayscaleByteSecondaryCaptureImageStorage",
+        "MultiFrameGrayscaleWordSecondaryCaptureImageStorage",
+        "MultiFrameTrueColorSecondaryCaptureImageStorage",
+        "XRayAngiographicImageStorage",
+        "EnhancedXAImageStorage",
+        "XRayRadiofluoroscopicImageStorage",
+        "NuclearMedicineImageStorage",
+        "PositronEmissionTomographyImageStorage",
+        "BasicTextSRStorage",
+        "EnhancedSRStorage",
+        "ComprehensiveSRStorage",
+        "KeyObjectSelectionDocumentStorage",
+        "GrayscaleSoftcopyPresentationStateStorage",
+        "EncapsulatedPDFStorage",
+        "RTStructureSetStorage",
+        "RTDoseStorage",
+        "RTPlanStorage",
+        "TwelveLeadECGWaveformStorage",
     )
 ]
 
@@ -168,8 +198,16 @@ class DimseStudySource:
     """A PACS reached over DIMSE. Use as a context manager when retrieving by C-MOVE."""
 
     def __init__(
-        self, *, name: str, host: str, port: int, called_ae: str, calling_ae: str = "NIGHTREAD",
-        retrieve: str = "get", move_port: int = 0, timeout_s: float = 30.0,
+        self,
+        *,
+        name: str,
+        host: str,
+        port: int,
+        called_ae: str,
+        calling_ae: str = "NIGHTREAD",
+        retrieve: str = "get",
+        move_port: int = 0,
+        timeout_s: float = 30.0,
     ) -> None:
         if retrieve not in ("get", "move"):
             raise ValueError(f'retrieve must be "get" or "move", not {retrieve!r}')
@@ -246,11 +284,14 @@ class DimseStudySource:
         floor = (f"{since:%Y%m%d}", f"{since:%H%M%S}") if since else ("", "")
         for ds in self._find(q):
             mods = ds.get("ModalitiesInStudy", "")
-            mod_tuple = tuple(str(m) for m in mods) if getattr(mods, "VM", 1) > 1 else ((str(mods),) if mods else ())
+            mod_tuple = tuple(str(m) for m in values_of(mods))
             ref = StudyRef(
-                study_instance_uid=_text(ds, "StudyInstanceUID"), study_date=_text(ds, "StudyDate"),
-                study_time=_text(ds, "StudyTime"), accession_number=_text(ds, "AccessionNumber"),
-                modalities=mod_tuple, description=_text(ds, "StudyDescription"),
+                study_instance_uid=_text(ds, "StudyInstanceUID"),
+                study_date=_text(ds, "StudyDate"),
+                study_time=_text(ds, "StudyTime"),
+                accession_number=_text(ds, "AccessionNumber"),
+                modalities=mod_tuple,
+                description=_text(ds, "StudyDescription"),
                 number_of_instances=_int(ds, "NumberOfStudyRelatedInstances"),
             )
             if not ref.study_instance_uid or ref.sort_key < floor:
@@ -272,8 +313,10 @@ class DimseStudySource:
         q.NumberOfSeriesRelatedInstances = ""
         return [
             SeriesRef(
-                series_instance_uid=_text(ds, "SeriesInstanceUID"), modality=_text(ds, "Modality"),
-                series_number=_int(ds, "SeriesNumber"), description=_text(ds, "SeriesDescription"),
+                series_instance_uid=_text(ds, "SeriesInstanceUID"),
+                modality=_text(ds, "Modality"),
+                series_number=_int(ds, "SeriesNumber"),
+                description=_text(ds, "SeriesDescription"),
                 body_part=_text(ds, "BodyPartExamined"),
                 number_of_instances=_int(ds, "NumberOfSeriesRelatedInstances"),
             )
@@ -344,7 +387,8 @@ class DimseStudySource:
                 ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
             self._move_server = ae.start_server(
                 ("127.0.0.1" if self.host in ("127.0.0.1", "localhost") else "0.0.0.0", self._move_port),
-                block=False, evt_handlers=[(evt.EVT_C_STORE, self._sink.handle)],
+                block=False,
+                evt_handlers=[(evt.EVT_C_STORE, self._sink.handle)],
             )
 
     @property
@@ -360,7 +404,8 @@ class DimseStudySource:
         final = None
         with self._connect(ae) as assoc:
             for status, _ in assoc.send_c_move(
-                self._identifier(study_instance_uid), self.calling_ae,
+                self._identifier(study_instance_uid),
+                self.calling_ae,
                 sc.StudyRootQueryRetrieveInformationModelMove,
             ):
                 if "Status" not in status:

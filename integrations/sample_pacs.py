@@ -45,6 +45,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from integrations.imaging import values_of
 from integrations.pacs import quiet_pynetdicom
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,18 @@ def mr_slice(size: int, z: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def _base(
-    *, sop_class: UID, modality: str, study_uid: str, series_uid: str, sop_uid: str, patient: int,
-    date: dt.date, time: str, accession: str, study_description: str, series_number: int,
+    *,
+    sop_class: UID,
+    modality: str,
+    study_uid: str,
+    series_uid: str,
+    sop_uid: str,
+    patient: int,
+    date: dt.date,
+    time: str,
+    accession: str,
+    study_description: str,
+    series_number: int,
     series_description: str,
 ) -> Dataset:
     ds = Dataset()
@@ -181,8 +192,13 @@ def _set_pixels(ds: Dataset, pixels: np.ndarray) -> None:
 
 
 def generate_studies(
-    *, seed: int = 7, today: dt.date | None = None, include_corrupt: bool = False, xr_size: int = 1024,
-    ct_slices: int = 32, ct_size: int = 512,
+    *,
+    seed: int = 7,
+    today: dt.date | None = None,
+    include_corrupt: bool = False,
+    xr_size: int = 1024,
+    ct_slices: int = 32,
+    ct_size: int = 512,
 ) -> list[SampleStudy]:
     """Synthetic studies, deterministic for a seed and a day."""
     today = today or dt.date.today()
@@ -204,9 +220,17 @@ def generate_studies(
         for k, (view, lateral) in enumerate(views):
             series_uid = _uid(study_uid, "series", k)
             ds = _base(
-                sop_class=sop_class, modality=modality, study_uid=study_uid, series_uid=series_uid,
-                sop_uid=_uid(series_uid, "sop", 0), patient=n + 1, date=date, time=time, accession=acc,
-                study_description="XR CHEST 2 VIEWS", series_number=k + 1,
+                sop_class=sop_class,
+                modality=modality,
+                study_uid=study_uid,
+                series_uid=series_uid,
+                sop_uid=_uid(series_uid, "sop", 0),
+                patient=n + 1,
+                date=date,
+                time=time,
+                accession=acc,
+                study_description="XR CHEST 2 VIEWS",
+                series_number=k + 1,
                 series_description=f"CHEST {'LAT' if lateral else view}",
             )
             ds.BodyPartExamined = "CHEST"
@@ -226,9 +250,17 @@ def generate_studies(
             study.instances.append(ds)
         if include_corrupt and n == 1:
             ds_bad = _base(
-                sop_class=sop_class, modality=modality, study_uid=study_uid, series_uid=_uid(study_uid, "bad"),
-                sop_uid=_uid(study_uid, "bad", "truncated"), patient=n + 1, date=date, time=time,
-                accession=acc, study_description="XR CHEST 2 VIEWS", series_number=9,
+                sop_class=sop_class,
+                modality=modality,
+                study_uid=study_uid,
+                series_uid=_uid(study_uid, "bad"),
+                sop_uid=_uid(study_uid, "bad", "truncated"),
+                patient=n + 1,
+                date=date,
+                time=time,
+                accession=acc,
+                study_description="XR CHEST 2 VIEWS",
+                series_number=9,
                 series_description="CHEST PA",
             )
             ds_bad.BodyPartExamined, ds_bad.ViewPosition, ds_bad.InstanceNumber = "CHEST", "PA", 1
@@ -236,9 +268,17 @@ def generate_studies(
             ds_bad.PixelData = b"\x00\x01" * 1000  # truncated: far fewer bytes than 512×512×2
             study.instances.append(ds_bad)
             ds_empty = _base(
-                sop_class=sop_class, modality=modality, study_uid=study_uid, series_uid=_uid(study_uid, "bad"),
-                sop_uid=_uid(study_uid, "bad", "no-pixels"), patient=n + 1, date=date, time=time,
-                accession=acc, study_description="XR CHEST 2 VIEWS", series_number=9,
+                sop_class=sop_class,
+                modality=modality,
+                study_uid=study_uid,
+                series_uid=_uid(study_uid, "bad"),
+                sop_uid=_uid(study_uid, "bad", "no-pixels"),
+                patient=n + 1,
+                date=date,
+                time=time,
+                accession=acc,
+                study_description="XR CHEST 2 VIEWS",
+                series_number=9,
                 series_description="CHEST PA",
             )
             ds_empty.BodyPartExamined, ds_empty.ViewPosition, ds_empty.InstanceNumber = "CHEST", "PA", 2
@@ -251,9 +291,18 @@ def generate_studies(
     study = SampleStudy(study_uid)
     scout_uid = _uid(study_uid, "series", "scout")
     scout = _base(
-        sop_class=CTImageStorage, modality="CT", study_uid=study_uid, series_uid=scout_uid,
-        sop_uid=_uid(scout_uid, "sop", 0), patient=4, date=date, time=time, accession=acc,
-        study_description="CT CHEST WITHOUT CONTRAST", series_number=1, series_description="SCOUT",
+        sop_class=CTImageStorage,
+        modality="CT",
+        study_uid=study_uid,
+        series_uid=scout_uid,
+        sop_uid=_uid(scout_uid, "sop", 0),
+        patient=4,
+        date=date,
+        time=time,
+        accession=acc,
+        study_description="CT CHEST WITHOUT CONTRAST",
+        series_number=1,
+        series_description="SCOUT",
     )
     scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     scout.BodyPartExamined, scout.InstanceNumber = "CHEST", 1
@@ -264,9 +313,18 @@ def generate_studies(
     axial_uid = _uid(study_uid, "series", "axial")
     for i in range(ct_slices):
         ds = _base(
-            sop_class=CTImageStorage, modality="CT", study_uid=study_uid, series_uid=axial_uid,
-            sop_uid=_uid(axial_uid, "sop", i), patient=4, date=date, time=time, accession=acc,
-            study_description="CT CHEST WITHOUT CONTRAST", series_number=2, series_description="AXIAL 2.5MM",
+            sop_class=CTImageStorage,
+            modality="CT",
+            study_uid=study_uid,
+            series_uid=axial_uid,
+            sop_uid=_uid(axial_uid, "sop", i),
+            patient=4,
+            date=date,
+            time=time,
+            accession=acc,
+            study_description="CT CHEST WITHOUT CONTRAST",
+            series_number=2,
+            series_description="AXIAL 2.5MM",
         )
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.BodyPartExamined = "CHEST"
@@ -289,9 +347,18 @@ def generate_studies(
     mr_uid = _uid(study_uid, "series", "t1")
     for i in range(20):
         ds = _base(
-            sop_class=MRImageStorage, modality="MR", study_uid=study_uid, series_uid=mr_uid,
-            sop_uid=_uid(mr_uid, "sop", i), patient=5, date=date, time=time, accession=acc,
-            study_description="MR BRAIN WITHOUT CONTRAST", series_number=3, series_description="AX T1",
+            sop_class=MRImageStorage,
+            modality="MR",
+            study_uid=study_uid,
+            series_uid=mr_uid,
+            sop_uid=_uid(mr_uid, "sop", i),
+            patient=5,
+            date=date,
+            time=time,
+            accession=acc,
+            study_description="MR BRAIN WITHOUT CONTRAST",
+            series_number=3,
+            series_description="AX T1",
         )
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M"]
         ds.BodyPartExamined = "BRAIN"
@@ -322,14 +389,13 @@ def _match_value(keyword: str, value: Any, query: Any) -> bool:
     if keyword in ("StudyDate", "SeriesDate", "StudyTime", "SeriesTime"):
         return _match_range(str(value), str(query))
     if keyword == "ModalitiesInStudy":
-        wanted = [query] if isinstance(query, str) else list(query)
-        return bool(set(value) & set(wanted))
+        return bool({str(v) for v in values_of(value)} & {str(q) for q in values_of(query)})
     if isinstance(query, str) and ("*" in query or "?" in query):
         import fnmatch
 
         return fnmatch.fnmatchcase(str(value), query)
-    if isinstance(query, (list, tuple)) or getattr(query, "VM", 1) > 1:
-        return str(value) in [str(q) for q in query]
+    if len(values_of(query)) > 1:
+        return str(value) in [str(q) for q in values_of(query)]
     return str(value) == str(query)
 
 
@@ -358,10 +424,22 @@ class SampleArchive:
             "ModalitiesInStudy": modalities,
             "NumberOfStudyRelatedInstances": len(study.instances),
             "NumberOfStudyRelatedSeries": len({ds.SeriesInstanceUID for ds in study.instances}),
-            **{k: head.get(k) for k in (
-                "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
-                "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "ReferringPhysicianName",
-            )},
+            **{
+                k: head.get(k)
+                for k in (
+                    "StudyInstanceUID",
+                    "StudyDate",
+                    "StudyTime",
+                    "AccessionNumber",
+                    "StudyID",
+                    "StudyDescription",
+                    "PatientName",
+                    "PatientID",
+                    "PatientBirthDate",
+                    "PatientSex",
+                    "ReferringPhysicianName",
+                )
+            },
         }
 
     def find(self, identifier: Dataset) -> Iterator[Dataset]:
@@ -377,16 +455,25 @@ class SampleArchive:
             elif level == "SERIES":
                 seen: dict[str, dict[str, Any]] = {}
                 for ds in study.instances:
-                    row = seen.setdefault(ds.SeriesInstanceUID, {
-                        **sattrs, "SeriesInstanceUID": ds.SeriesInstanceUID, "Modality": ds.Modality,
-                        "SeriesNumber": ds.get("SeriesNumber"), "SeriesDescription": ds.get("SeriesDescription"),
-                        "BodyPartExamined": ds.get("BodyPartExamined", ""), "NumberOfSeriesRelatedInstances": 0,
-                    })
+                    row = seen.setdefault(
+                        ds.SeriesInstanceUID,
+                        {
+                            **sattrs,
+                            "SeriesInstanceUID": ds.SeriesInstanceUID,
+                            "Modality": ds.Modality,
+                            "SeriesNumber": ds.get("SeriesNumber"),
+                            "SeriesDescription": ds.get("SeriesDescription"),
+                            "BodyPartExamined": ds.get("BodyPartExamined", ""),
+                            "NumberOfSeriesRelatedInstances": 0,
+                        },
+                    )
                     row["NumberOfSeriesRelatedInstances"] += 1
                 rows = list(seen.values())
             else:
-                rows = [{**sattrs, **{e.keyword: e.value for e in ds if e.keyword and e.keyword != "PixelData"}}
-                        for ds in study.instances]
+                rows = [
+                    {**sattrs, **{e.keyword: e.value for e in ds if e.keyword and e.keyword != "PixelData"}}
+                    for ds in study.instances
+                ]
             for row in rows:
                 if all(_match_value(k, row.get(k, ""), identifier.get(k)) for k in wanted):
                     out = Dataset()
@@ -405,7 +492,7 @@ class SampleArchive:
                 q = identifier.get(k)
                 if q in (None, ""):
                     continue
-                values = [str(v) for v in q] if getattr(q, "VM", 1) > 1 or isinstance(q, list) else [str(q)]
+                values = [str(v) for v in values_of(q)]
                 if str(ds.get(k, "")) not in values:
                     ok = False
                     break
@@ -422,9 +509,15 @@ class SamplePacs:
     MOVE = (StudyRootQueryRetrieveInformationModelMove, PatientRootQueryRetrieveInformationModelMove)
 
     def __init__(
-        self, *, studies: Sequence[SampleStudy] | None = None, ae_title: str = "SAMPLEPACS",
-        host: str = "127.0.0.1", port: int = 0, move_destinations: dict[str, tuple[str, int]] | None = None,
-        seed: int = 7, include_corrupt: bool = False,
+        self,
+        *,
+        studies: Sequence[SampleStudy] | None = None,
+        ae_title: str = "SAMPLEPACS",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        move_destinations: dict[str, tuple[str, int]] | None = None,
+        seed: int = 7,
+        include_corrupt: bool = False,
     ) -> None:
         self.archive = SampleArchive(
             studies if studies is not None else generate_studies(seed=seed, include_corrupt=include_corrupt)
@@ -473,9 +566,7 @@ class SamplePacs:
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_CONN_OPEN, self._on_open),
         ]
-        self._server = self._ae().start_server(
-            (self.host, self._requested_port), block=False, evt_handlers=handlers
-        )
+        self._server = self._ae().start_server((self.host, self._requested_port), block=False, evt_handlers=handlers)
         log.info("sample PACS %s listening on %s:%d", self.ae_title, self.host, self.port)
 
     def stop(self) -> None:

@@ -82,15 +82,29 @@ class LocalObjectStore:
 class S3ObjectStore:
     """A bucket on MinIO or any S3 endpoint, through the minio SDK. The bucket is created if missing."""
 
-    def __init__(self, *, endpoint: str, bucket: str, access_key: str, secret_key: str, secure: bool = True,
-                 region: str | None = None, create_bucket: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        bucket: str,
+        access_key: str,
+        secret_key: str,
+        secure: bool = True,
+        region: str | None = None,
+        create_bucket: bool = True,
+    ) -> None:
         from minio import Minio
 
         if not endpoint or "/" in endpoint.removeprefix("http://").removeprefix("https://"):
             raise ConfigurationError(f"storage endpoint must be host:port, not {endpoint!r}")
         self.bucket = bucket
-        self.client = Minio(endpoint.removeprefix("http://").removeprefix("https://"), access_key=access_key,
-                            secret_key=secret_key, secure=secure, region=region)
+        self.client = Minio(
+            endpoint.removeprefix("http://").removeprefix("https://"),
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+        )
         if create_bucket:
             self._call(self._ensure_bucket)
 
@@ -115,8 +129,9 @@ class S3ObjectStore:
 
     def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
         check_key(key)
-        self._call(lambda: self.client.put_object(self.bucket, key, io.BytesIO(data), len(data),
-                                                  content_type=content_type))
+        self._call(
+            lambda: self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+        )
 
     def get(self, key: str) -> bytes:
         check_key(key)

@@ -44,8 +44,14 @@ class QuestionSpec(BaseModel):
         return self.body_parts is None or body_part.upper() in self.body_parts
 
     def as_question(self) -> Question:
-        return Question(id=self.id, text=self.text, kind=self.kind, flag_threshold=self.flag_threshold,
-                        critical=self.critical, max_new_tokens=self.max_new_tokens)
+        return Question(
+            id=self.id,
+            text=self.text,
+            kind=self.kind,
+            flag_threshold=self.flag_threshold,
+            critical=self.critical,
+            max_new_tokens=self.max_new_tokens,
+        )
 
 
 class QuestionBank(BaseModel):

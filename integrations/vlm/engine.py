@@ -61,8 +61,9 @@ def resolve_dtype(dtype: str, device: str) -> Any:
 class VlmEngine:
     """One loaded checkpoint. Thread-safe: calls are serialised (a model is one device's work)."""
 
-    def __init__(self, checkpoint: str | Path, *, options: EngineOptions = EngineOptions(),
-                 revision: str | None = None) -> None:
+    def __init__(
+        self, checkpoint: str | Path, *, options: EngineOptions = EngineOptions(), revision: str | None = None
+    ) -> None:
         torch = _torch()
         import transformers
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -130,18 +131,24 @@ class VlmEngine:
         with self._lock, torch.inference_mode():
             if self.captions_only:
                 pixel_values = self.processor(images=image, return_tensors="pt").pixel_values
-                out = self.model.generate(pixel_values.to(self.device, self.dtype), max_new_tokens=max_new_tokens,
-                                          min_new_tokens=min_new_tokens, do_sample=False)
+                out = self.model.generate(
+                    pixel_values.to(self.device, self.dtype),
+                    max_new_tokens=max_new_tokens,
+                    min_new_tokens=min_new_tokens,
+                    do_sample=False,
+                )
                 return _printable(str(self.processor.batch_decode(out, skip_special_tokens=True)[0]))
             inputs = self._inputs([self._chat(prompt)], [image])
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                      do_sample=False)
-            new = out[:, inputs["input_ids"].shape[1]:]
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False
+            )
+            new = out[:, inputs["input_ids"].shape[1] :]
             text = str(self.processor.batch_decode(new, skip_special_tokens=True)[0])
             return _printable(text.split("\n")[0])
 
-    def p_yes_shared(self, image: Any, context: str, questions: Sequence[str], *,
-                     temperature: float = 1.0) -> tuple[list[float], dict[str, float]]:
+    def p_yes_shared(
+        self, image: Any, context: str, questions: Sequence[str], *, temperature: float = 1.0
+    ) -> tuple[list[float], dict[str, float]]:
         """P(yes) for each question with the image + context prefix encoded once."""
         if self.captions_only:
             raise UnsupportedTask(f"model family {self.family} writes captions only; it cannot answer questions")
@@ -159,8 +166,9 @@ class VlmEngine:
             t1 = time.perf_counter()
             k, p_len = len(questions), pre["input_ids"].shape[1]
             self.tokenizer.padding_side = "right"
-            suf = self.tokenizer([q + suffix_tpl for q in questions], add_special_tokens=False, padding=True,
-                                 return_tensors="pt").to(self.device)
+            suf = self.tokenizer(
+                [q + suffix_tpl for q in questions], add_special_tokens=False, padding=True, return_tensors="pt"
+            ).to(self.device)
             cache.batch_repeat_interleave(k)
             attn = torch.cat([pre["attention_mask"].repeat(k, 1), suf["attention_mask"]], dim=1)
             extra: dict[str, Any] = {}
@@ -169,8 +177,9 @@ class VlmEngine:
                 s_len = suf["input_ids"].shape[1]
                 pos = torch.arange(p_len, p_len + s_len, device=self.device) + deltas.to(self.device).view(-1, 1)
                 extra["position_ids"] = pos.view(1, 1, s_len).expand(3, k, s_len)
-            o2 = self.model(input_ids=suf["input_ids"], attention_mask=attn, past_key_values=cache, use_cache=True,
-                            **extra)
+            o2 = self.model(
+                input_ids=suf["input_ids"], attention_mask=attn, past_key_values=cache, use_cache=True, **extra
+            )
             last = suf["attention_mask"].sum(1) - 1
             logits = o2.logits[torch.arange(k, device=self.device), last]
             probs = self._p_yes(logits, temperature)
@@ -207,8 +216,9 @@ _ENGINES: dict[tuple[str, str | None, EngineOptions], VlmEngine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def load_engine(checkpoint: str | Path, *, options: EngineOptions = EngineOptions(),
-                revision: str | None = None) -> VlmEngine:
+def load_engine(
+    checkpoint: str | Path, *, options: EngineOptions = EngineOptions(), revision: str | None = None
+) -> VlmEngine:
     """The engine for a checkpoint, loaded once per process."""
     key = (str(checkpoint), revision, options)
     with _ENGINES_LOCK:

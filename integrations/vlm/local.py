@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from integrations.errors import ConfigurationError
-from integrations.ports import Answer, AnnotationRequest, AnnotationResult, ModelInfo
+from integrations.ports import AnnotationRequest, AnnotationResult, Answer, ModelInfo
 from integrations.vlm import prompts
 from integrations.vlm.engine import EngineOptions, VlmEngine, load_engine
 from integrations.vlm.tiny import build_tiny, tiny_info
@@ -44,7 +44,12 @@ def _folder_revision(folder: Path) -> str:
 
 
 def resolve_checkpoint(
-    model: str, *, revision: str | None, cache_dir: Path, offline_fallback: bool, tiny_family: str,
+    model: str,
+    *,
+    revision: str | None,
+    cache_dir: Path,
+    offline_fallback: bool,
+    tiny_family: str,
     hub_timeout_s: float = 10.0,
 ) -> ResolvedCheckpoint:
     """A local folder as it is; a hub id from the local cache or the hub; else (when allowed) a tiny
@@ -53,8 +58,10 @@ def resolve_checkpoint(
     if local.is_dir():
         info = tiny_info(local)
         return ResolvedCheckpoint(
-            path=local.resolve(), name=f"tiny-random-{info['family']}" if info else local.name,
-            revision=revision or _folder_revision(local), offline_stand_in=info is not None,
+            path=local.resolve(),
+            name=f"tiny-random-{info['family']}" if info else local.name,
+            revision=revision or _folder_revision(local),
+            offline_stand_in=info is not None,
         )
     reason = ""
     try:
@@ -72,10 +79,17 @@ def resolve_checkpoint(
     folder = cache_dir / f"tiny-{tiny_family}"
     if tiny_info(folder) is None:
         build_tiny(tiny_family, folder)
-    note = (f"model {model!r} could not be loaded (no network and not cached); using a tiny randomly "
-            f"initialised {tiny_family} model instead: its answers mean nothing")
-    return ResolvedCheckpoint(path=folder, name=f"tiny-random-{tiny_family}", revision=_folder_revision(folder),
-                              offline_stand_in=True, note=note)
+    note = (
+        f"model {model!r} could not be loaded (no network and not cached); using a tiny randomly "
+        f"initialised {tiny_family} model instead: its answers mean nothing"
+    )
+    return ResolvedCheckpoint(
+        path=folder,
+        name=f"tiny-random-{tiny_family}",
+        revision=_folder_revision(folder),
+        offline_stand_in=True,
+        note=note,
+    )
 
 
 class LocalAnnotator:
@@ -83,23 +97,35 @@ class LocalAnnotator:
 
     backend = "local"
 
-    def __init__(self, engine: VlmEngine, *, name: str, revision: str, offline_stand_in: bool = False,
-                 temperature: float = 1.0) -> None:
+    def __init__(
+        self, engine: VlmEngine, *, name: str, revision: str, offline_stand_in: bool = False, temperature: float = 1.0
+    ) -> None:
         self.engine = engine
         self.temperature = temperature
         self._info = ModelInfo(
-            name=name, revision=revision, backend=self.backend,
-            options={"dtype": str(engine.dtype).removeprefix("torch."), "family": engine.family,
-                     "prompt_version": prompts.PROMPT_VERSION},
+            name=name,
+            revision=revision,
+            backend=self.backend,
+            options={
+                "dtype": str(engine.dtype).removeprefix("torch."),
+                "family": engine.family,
+                "prompt_version": prompts.PROMPT_VERSION,
+            },
             offline_stand_in=offline_stand_in,
         )
 
     @classmethod
-    def from_checkpoint(cls, resolved: ResolvedCheckpoint, *, options: EngineOptions = EngineOptions(),
-                        temperature: float = 1.0) -> LocalAnnotator:
-        engine = load_engine(resolved.path, options=options)
-        return cls(engine, name=resolved.name, revision=resolved.revision,
-                   offline_stand_in=resolved.offline_stand_in, temperature=temperature)
+    def from_checkpoint(
+        cls, resolved: ResolvedCheckpoint, *, options: EngineOptions | None = None, temperature: float = 1.0
+    ) -> LocalAnnotator:
+        engine = load_engine(resolved.path, options=options or EngineOptions())
+        return cls(
+            engine,
+            name=resolved.name,
+            revision=resolved.revision,
+            offline_stand_in=resolved.offline_stand_in,
+            temperature=temperature,
+        )
 
     @property
     def model_info(self) -> ModelInfo:
@@ -116,14 +142,17 @@ class LocalAnnotator:
         caption = None
         if request.caption:
             t0 = time.perf_counter()
-            caption = self.engine.generate(image, prompts.caption_prompt(request.context),
-                                           max_new_tokens=request.caption_max_new_tokens)
+            caption = self.engine.generate(
+                image, prompts.caption_prompt(request.context), max_new_tokens=request.caption_max_new_tokens
+            )
             timings["caption_ms"] = (time.perf_counter() - t0) * 1000
         closed = [q for q in request.questions if q.kind == "closed"]
         answers: list[Answer] = []
         if closed:
             probs, t = self.engine.p_yes_shared(
-                image, prompts.context_text(request.context), [prompts.closed_question(q.text) for q in closed],
+                image,
+                prompts.context_text(request.context),
+                [prompts.closed_question(q.text) for q in closed],
                 temperature=self.temperature,
             )
             timings.update(t)
@@ -131,10 +160,12 @@ class LocalAnnotator:
         t0 = time.perf_counter()
         for q in request.questions:
             if q.kind == "open":
-                text = self.engine.generate(image, prompts.open_question(request.context, q.text),
-                                            max_new_tokens=q.max_new_tokens)
+                text = self.engine.generate(
+                    image, prompts.open_question(request.context, q.text), max_new_tokens=q.max_new_tokens
+                )
                 answers.append(Answer(q.id, text, None))
         if any(q.kind == "open" for q in request.questions):
             timings["open_ms"] = (time.perf_counter() - t0) * 1000
-        return AnnotationResult(caption=caption, answers=answers, prompt_version=prompts.PROMPT_VERSION,
-                                timings_ms=timings)
+        return AnnotationResult(
+            caption=caption, answers=answers, prompt_version=prompts.PROMPT_VERSION, timings_ms=timings
+        )

@@ -8,11 +8,23 @@ import json
 from integrations.ports import ImageContext
 
 _MODALITY_NAMES = {
-    "CR": "chest radiograph", "DX": "radiograph", "CT": "CT slice", "MR": "MRI slice", "US": "ultrasound image",
-    "MG": "mammogram", "XA": "angiography image", "PT": "PET image", "NM": "nuclear medicine image",
+    "CR": "chest radiograph",
+    "DX": "radiograph",
+    "CT": "CT slice",
+    "MR": "MRI slice",
+    "US": "ultrasound image",
+    "MG": "mammogram",
+    "XA": "angiography image",
+    "PT": "PET image",
+    "NM": "nuclear medicine image",
 }
-_VIEWS = {"PA": "posteroanterior (PA)", "AP": "anteroposterior (AP)", "LL": "left lateral", "RL": "right lateral",
-          "LAT": "lateral"}
+_VIEWS = {
+    "PA": "posteroanterior (PA)",
+    "AP": "anteroposterior (AP)",
+    "LL": "left lateral",
+    "RL": "right lateral",
+    "LAT": "lateral",
+}
 
 TEMPLATES = {
     "context": "This is a {what}{of_part}{view}.",

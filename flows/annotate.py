@@ -1,0 +1,298 @@
+"""Per-study work: retrieve → select/render → annotate → record, as Prefect tasks.
+
+Every task is idempotent by key: images by (SOP Instance UID, frame, render version), captions by
+(image, model version, prompt version), findings by (image, model version, question, bank version),
+object keys by the hashes of the same. A crashed or repeated run finishes the work without writing
+anything twice. Logs name database ids and hashes, never UIDs or patient data.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from db import repository as repo
+from db.models import Image, Study, StudyStatus, utcnow
+from db.session import session_scope
+from flows.runtime import Runtime
+from flows.selection import select
+from flows.settings import NightreadSettings
+from integrations.errors import NightreadError, PermanentError, TransientError
+from integrations.imaging import InstanceInfo, frames_of, read_instance_info, render
+from integrations.pacs import uid_hash
+from integrations.ports import AnnotationRequest, ImageContext, RetrievedStudy
+
+ANNOTATE_BATCH = 4
+
+
+def _transient_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry TransientError only; a PermanentError fails at once."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(exc, TransientError)
+
+
+def object_key(*, study_uid: str, sop_uid: str, frame: int, render_version: str) -> str:
+    study = repo.pseudonym(study_uid, namespace="study")[:20]
+    sop = repo.pseudonym(sop_uid, namespace="sop")[:20]
+    return f"images/{study}/{sop}/f{frame}-{render_version}.png"
+
+
+@task(name="retrieve-study", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
+def retrieve_study(rt: Runtime, study_id: int, dest: Path) -> RetrievedStudy:
+    with session_scope(rt.engine) as session:
+        study = session.get(Study, study_id)
+        assert study is not None
+        uid, expected = study.study_instance_uid, study.expected_instances
+    # a retry starts from an empty folder so counts are honest
+    shutil.rmtree(dest, ignore_errors=True)
+    retrieved = rt.source.retrieve_study(uid, dest=dest, expected=expected)
+    with session_scope(rt.engine) as session:
+        repo.update_study(session=session, study_id=study_id, received_instances=len(retrieved.files))
+    return retrieved
+
+
+@task(name="render-study", cache_policy=NO_CACHE)
+def render_study(rt: Runtime, study_id: int, retrieved: RetrievedStudy, run_id: int | None) -> dict[str, Any]:
+    """Select and render; every instance gets an outcome: rendered, skipped (why) or failed (why)."""
+    logger = get_run_logger()
+    counts: Counter[str] = Counter()
+    infos: list[InstanceInfo] = []
+    with session_scope(rt.engine) as session:
+        for path in retrieved.files:
+            try:
+                infos.append(read_instance_info(path))
+            except PermanentError as exc:
+                repo.record_failure(
+                    session=session,
+                    stage="read",
+                    object_ref=f"study:{study_id}:{path.stem}",
+                    error=exc,
+                    study_id=study_id,
+                    run_id=run_id,
+                )
+                counts["failed"] += 1
+    decisions = select(infos, rt.rules)
+    max_edge = rt.settings.render.max_long_edge
+    image_ids: list[int] = []
+    for decision in decisions:
+        info = decision.info
+        if not decision.selected:
+            counts["skipped"] += 1
+            continue
+        for frame in frames_of(info):
+            ref = f"sop:{uid_hash(info.sop_instance_uid)}:f{frame}"
+            try:
+                rendered = render(info.path, frame=frame, max_long_edge=max_edge)
+                key = object_key(
+                    study_uid=info.study_instance_uid,
+                    sop_uid=info.sop_instance_uid,
+                    frame=frame,
+                    render_version=rendered.render_version,
+                )
+                rt.store.put(key, rendered.png, content_type="image/png")
+                with session_scope(rt.engine) as session:
+                    image_ids.append(
+                        repo.upsert_image(
+                            session=session,
+                            values={
+                                "study_id": study_id,
+                                "sop_instance_uid": info.sop_instance_uid,
+                                "series_instance_uid": info.series_instance_uid,
+                                "modality": info.modality,
+                                "body_part": info.body_part or None,
+                                "view": info.view_position or None,
+                                "frame": frame,
+                                "render_version": rendered.render_version,
+                                "object_key": key,
+                                "sha256": rendered.sha256,
+                                "width": rendered.width,
+                                "height": rendered.height,
+                                "created_at": utcnow(),
+                            },
+                        )
+                    )
+                    repo.resolve_failures(session=session, stage="render", object_ref=ref)
+                counts["rendered"] += 1
+            except NightreadError as exc:
+                if isinstance(exc, TransientError):
+                    raise
+                with session_scope(rt.engine) as session:
+                    repo.record_failure(
+                        session=session, stage="render", object_ref=ref, error=exc, study_id=study_id, run_id=run_id
+                    )
+                logger.warning("study %d: instance %s not rendered: %s", study_id, ref, exc)
+                counts["failed"] += 1
+    return {"image_ids": image_ids, **counts}
+
+
+@task(name="annotate-images", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
+def annotate_images(rt: Runtime, study_id: int, image_ids: list[int], model_version_id: int) -> dict[str, int]:
+    """Caption and question bank for each image not yet annotated by this model and bank version."""
+    bank = rt.bank
+    with session_scope(rt.engine) as session:
+        done = repo.annotated_image_ids(
+            session=session, image_ids=image_ids, model_version_id=model_version_id, bank_version=bank.version
+        )
+        images = [session.get(Image, i) for i in image_ids if i not in done]
+    counts: Counter[str] = Counter()
+    todo = [im for im in images if im is not None]
+    if not todo:
+        return dict(counts)
+    annotator = rt.annotator()
+    max_tokens = rt.settings.inference.caption_max_new_tokens
+    for start in range(0, len(todo), ANNOTATE_BATCH):
+        chunk = todo[start : start + ANNOTATE_BATCH]
+        requests = []
+        for image in chunk:
+            ctx = ImageContext(modality=image.modality, body_part=image.body_part or "", view=image.view or "")
+            requests.append(
+                AnnotationRequest(
+                    image_png=rt.store.get(image.object_key),
+                    context=ctx,
+                    questions=bank.for_image(modality=image.modality, body_part=image.body_part or ""),
+                    caption=True,
+                    caption_max_new_tokens=max_tokens,
+                )
+            )
+        results = annotator.annotate(requests)
+        captions, findings = [], []
+        for image, request, result in zip(chunk, requests, results, strict=True):
+            assert image.id is not None
+            if result.caption is not None:
+                captions.append(
+                    {
+                        "image_id": image.id,
+                        "model_version_id": model_version_id,
+                        "prompt_version": result.prompt_version,
+                        "render_version": image.render_version,
+                        "text": result.caption,
+                        "latency_ms": result.timings_ms.get("caption_ms"),
+                        "created_at": utcnow(),
+                    }
+                )
+            by_id = {q.id: q for q in request.questions}
+            for answer in result.answers:
+                q = by_id[answer.question_id]
+                flagged = (
+                    q.kind == "closed"
+                    and q.flag_threshold is not None
+                    and answer.p_yes is not None
+                    and answer.p_yes >= q.flag_threshold
+                )
+                findings.append(
+                    {
+                        "study_id": study_id,
+                        "image_id": image.id,
+                        "model_version_id": model_version_id,
+                        "question_id": q.id,
+                        "bank_version": bank.version,
+                        "prompt_version": result.prompt_version,
+                        "render_version": image.render_version,
+                        "kind": q.kind,
+                        "answer": answer.text,
+                        "probability": answer.p_yes,
+                        "flagged": flagged,
+                        "flag_reason": (
+                            f"P(yes)={answer.p_yes:.3f} >= threshold {q.flag_threshold:.2f}" if flagged else None
+                        ),
+                        "created_at": utcnow(),
+                    }
+                )
+        with session_scope(rt.engine) as session:
+            counts["captions"] += repo.insert_captions(session=session, rows=captions)
+            counts["findings"] += repo.insert_findings(session=session, rows=findings)
+            counts["flags"] += sum(1 for f in findings if f["flagged"])
+    return dict(counts)
+
+
+def ensure_model_version(rt: Runtime) -> int:
+    info = rt.annotator().model_info
+    with session_scope(rt.engine) as session:
+        mv = repo.upsert_model_version(
+            session=session,
+            name=info.name,
+            revision=info.revision,
+            backend=info.backend,
+            options=info.options,
+            offline_stand_in=info.offline_stand_in,
+        )
+        assert mv.id is not None
+        return mv.id
+
+
+@task(name="process-study", cache_policy=NO_CACHE)
+def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, int]:
+    """One study end to end. Never raises for the study's own problems: they are recorded."""
+    logger = get_run_logger()
+    counts: Counter[str] = Counter()
+    flow_settings = rt.settings.flow
+    workdir = Path(tempfile.mkdtemp(prefix=f"nightread-study-{study_id}-"))
+    with session_scope(rt.engine) as session:
+        study = session.get(Study, study_id)
+        assert study is not None
+        repo.update_study(session=session, study_id=study_id, attempts=study.attempts + 1)
+    try:
+        retrieved = retrieve_study.with_options(
+            retries=flow_settings.retries, retry_delay_seconds=flow_settings.retry_delay_s
+        )(rt, study_id, workdir / "dicom")
+        counts["retrieved"] += 1
+        counts["instances"] += len(retrieved.files)
+        rendered = render_study(rt, study_id, retrieved, run_id)
+        image_ids = rendered.pop("image_ids")
+        counts.update(rendered)
+        model_version_id = ensure_model_version(rt)
+        counts.update(
+            annotate_images.with_options(
+                retries=flow_settings.retries, retry_delay_seconds=flow_settings.retry_delay_s
+            )(rt, study_id, image_ids, model_version_id)
+        )
+        with session_scope(rt.engine) as session:
+            repo.update_study(session=session, study_id=study_id, status=StudyStatus.DONE, last_error=None)
+            repo.resolve_failures(session=session, stage="study", object_ref=f"study:{study_id}")
+        counts["studies_done"] += 1
+    except Exception as exc:  # recorded below, never swallowed: the study's failure row says what happened
+        with session_scope(rt.engine) as session:
+            study = session.get(Study, study_id)
+            assert study is not None
+            gave_up = isinstance(exc, PermanentError) or study.attempts >= flow_settings.max_attempts
+            status = StudyStatus.FAILED if gave_up else StudyStatus.INCOMPLETE
+            message = str(exc) if isinstance(exc, NightreadError) else f"unexpected {type(exc).__name__}"
+            repo.update_study(session=session, study_id=study_id, status=status, last_error=message[:1000])
+            repo.record_failure(
+                session=session,
+                stage="study",
+                object_ref=f"study:{study_id}",
+                error=exc if isinstance(exc, NightreadError) else message,
+                study_id=study_id,
+                run_id=run_id,
+            )
+        logger.error(
+            "study %d %s: %s: %s",
+            study_id,
+            status,
+            type(exc).__name__,
+            message,
+            exc_info=not isinstance(exc, NightreadError),
+        )
+        counts["studies_failed"] += 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return dict(counts)
+
+
+@flow(name="annotate-study", log_prints=False)
+def annotate_study(study_id: int, settings: NightreadSettings | None = None) -> dict[str, int]:
+    """Re-run one study (by database id) end to end; writes nothing twice."""
+    settings = settings or NightreadSettings()
+    with Runtime.build(settings) as rt:
+        with session_scope(rt.engine) as session:
+            if session.get(Study, study_id) is None:
+                raise ValueError(f"no study with id {study_id}")
+            repo.update_study(session=session, study_id=study_id, status=StudyStatus.INCOMPLETE, attempts=0)
+        return process_study(rt, study_id, None)

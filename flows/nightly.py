@@ -1,0 +1,116 @@
+"""@flow nightly: discover new studies in the PACS, then process each (bounded concurrency)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections import Counter
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from db import repository as repo
+from db.models import PacsSource
+from db.session import session_scope
+from flows.annotate import _transient_only, process_study
+from flows.runtime import Runtime
+from flows.settings import NightreadSettings
+
+
+def _since(source: PacsSource, lookback_days: int) -> dt.datetime:
+    if source.cursor_date:
+        return dt.datetime.strptime(f"{source.cursor_date}{source.cursor_time or '000000'}", "%Y%m%d%H%M%S")
+    today = dt.datetime.combine(dt.date.today(), dt.time())
+    return today - dt.timedelta(days=lookback_days)
+
+
+@task(name="discover-studies", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
+def discover_studies(rt: Runtime) -> dict[str, Any]:
+    """C-FIND from the source's cursor; register new studies and move the cursor in one transaction."""
+    p = rt.settings.pacs
+    with session_scope(rt.engine) as session:
+        source = repo.upsert_source(
+            session=session, name=p.name, kind=p.kind, ae_title=p.called_ae, host=p.host, port=p.port
+        )
+        since = _since(source, p.lookback_days)
+        source_id = source.id
+    assert source_id is not None
+    refs = rt.source.find_studies(since=since, modalities=p.modalities)
+    with session_scope(rt.engine) as session:
+        new = repo.register_studies(
+            session=session,
+            source_id=source_id,
+            studies=[
+                {
+                    "study_instance_uid": r.study_instance_uid,
+                    "study_date": r.study_date,
+                    "study_time": r.sort_key[1],
+                    "accession_number": r.accession_number,
+                    "modalities": r.modalities,
+                    "number_of_instances": r.number_of_instances,
+                }
+                for r in refs
+            ],
+        )
+        if refs:
+            date, time_ = max(r.sort_key for r in refs)
+            repo.move_cursor(session=session, source_id=source_id, date=date, time=time_)
+    return {"found": len(refs), "new": new, "source_id": source_id}
+
+
+@flow(name="nightly", log_prints=False)
+def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
+    """Discover → per study: retrieve → select/render → annotate → record. Returns the run's counts."""
+    settings = settings or NightreadSettings()
+    logger = get_run_logger()
+    started = time.perf_counter()
+    ctx = get_run_context()
+    flow_run_id = str(ctx.flow_run.id) if getattr(ctx, "flow_run", None) else None
+    counts: Counter[str] = Counter()
+    with Runtime.build(settings) as rt:
+        with session_scope(rt.engine) as session:
+            run_id = repo.start_run(
+                session=session,
+                kind="nightly",
+                flow_run_id=flow_run_id,
+                parameters={"source": settings.pacs.name, "modalities": settings.pacs.modalities},
+            )
+        status = "failed"
+        try:
+            discovered = discover_studies.with_options(
+                retries=settings.flow.retries, retry_delay_seconds=settings.flow.retry_delay_s
+            )(rt)
+            counts["found"], counts["new"] = discovered["found"], discovered["new"]
+            with session_scope(rt.engine) as session:
+                pending = [
+                    s.id
+                    for s in repo.pending_studies(
+                        session=session, max_attempts=settings.flow.max_attempts, source_id=discovered["source_id"]
+                    )
+                ]
+            counts["pending"] = len(pending)
+            logger.info("discovered %d studies (%d new); %d to process", counts["found"], counts["new"], len(pending))
+            futures = [process_study.submit(rt, study_id, run_id) for study_id in pending]
+            for future in futures:
+                counts.update(future.result())
+            status = "completed" if not counts["studies_failed"] and not counts["failed"] else "completed_with_failures"
+        finally:
+            counts["wall_s"] = round(time.perf_counter() - started, 2)  # type: ignore[assignment]
+            result: dict[str, Any] = dict(counts)
+            if rt.model_note:
+                result["model_note"] = rt.model_note
+            with session_scope(rt.engine) as session:
+                repo.finish_run(session=session, run_id=run_id, status=status, counts=result)
+    result["run_id"] = run_id
+    return result
+
+
+def run_nightly(settings: NightreadSettings) -> dict[str, Any]:
+    """The nightly flow with the configured concurrency."""
+    runner = ThreadPoolTaskRunner(max_workers=settings.flow.concurrency)  # type: ignore[no-untyped-call]
+    flow_with_runner = nightly.with_options(task_runner=runner)
+    result: dict[str, Any] = flow_with_runner(settings=settings)
+    return result
