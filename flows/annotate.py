@@ -23,7 +23,7 @@ from db.session import session_scope
 from flows.runtime import Runtime
 from flows.selection import select
 from flows.settings import NightreadSettings
-from integrations.errors import NightreadError, PermanentError, TransientError
+from integrations.errors import NightreadError, PermanentError, RetrievalIncomplete, TransientError
 from integrations.imaging import InstanceInfo, frames_of, read_instance_info, render
 from integrations.pacs import uid_hash
 from integrations.ports import AnnotationRequest, ImageContext, RetrievedStudy
@@ -51,7 +51,12 @@ def retrieve_study(rt: Runtime, study_id: int, dest: Path) -> RetrievedStudy:
         uid, expected = study.study_instance_uid, study.expected_instances
     # a retry starts from an empty folder so counts are honest
     shutil.rmtree(dest, ignore_errors=True)
-    retrieved = rt.source.retrieve_study(uid, dest=dest, expected=expected)
+    try:
+        retrieved = rt.source.retrieve_study(uid, dest=dest, expected=expected)
+    except RetrievalIncomplete as exc:
+        with session_scope(rt.engine) as session:
+            repo.update_study(session=session, study_id=study_id, received_instances=exc.received)
+        raise
     with session_scope(rt.engine) as session:
         repo.update_study(session=session, study_id=study_id, received_instances=len(retrieved.files))
     return retrieved

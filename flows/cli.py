@@ -19,8 +19,11 @@ from rich.table import Table
 if TYPE_CHECKING:
     from flows.settings import NightreadSettings
 
-app = typer.Typer(help="nightread: pre-read radiology studies overnight with a vision-language model.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="nightread: pre-read radiology studies overnight with a vision-language model.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 model_app = typer.Typer(help="Models.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -113,8 +116,9 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="one JSON object
     for key in ("images", "captions", "findings", "flags", "failures", "model_versions"):
         table.add_row(key, str(data[key]))
     last = data["last_run"]
-    table.add_row("last run", "none" if last is None else f"#{last['id']} {last['kind']} {last['status']} "
-                  f"{last['started_at']}")
+    table.add_row(
+        "last run", "none" if last is None else f"#{last['id']} {last['kind']} {last['status']} {last['started_at']}"
+    )
     console.print(table)
 
 
@@ -126,10 +130,14 @@ def _summary_table(result: dict[str, Any], title: str) -> Table:
     table.add_column("")
     table.add_column("count", justify="right")
     rows = [
-        ("studies found", result.get("found", 0)), ("studies new", result.get("new", 0)),
-        ("studies retrieved", result.get("retrieved", 0)), ("instances received", result.get("instances", 0)),
-        ("images rendered", result.get("rendered", 0)), ("instances skipped", result.get("skipped", 0)),
-        ("captions", result.get("captions", 0)), ("findings", result.get("findings", 0)),
+        ("studies found", result.get("found", 0)),
+        ("studies new", result.get("new", 0)),
+        ("studies retrieved", result.get("retrieved", 0)),
+        ("instances received", result.get("instances", 0)),
+        ("images rendered", result.get("rendered", 0)),
+        ("instances skipped", result.get("skipped", 0)),
+        ("captions", result.get("captions", 0)),
+        ("findings", result.get("findings", 0)),
         ("flags", result.get("flags", 0)),
         ("failures", result.get("failed", 0) + result.get("studies_failed", 0)),
         ("wall time", f"{result.get('wall_s', 0):.1f} s"),
@@ -156,9 +164,9 @@ def _run_with_progress(settings: NightreadSettings) -> dict[str, Any]:
             try:
                 with session_scope(engine) as session:
                     touched = session.exec(
-                        select(Study.status, func.count()).where(
-                            (col(Study.updated_at) >= started) | col(Study.status).in_(StudyStatus.PENDING)
-                        ).group_by(Study.status)
+                        select(Study.status, func.count())
+                        .where((col(Study.updated_at) >= started) | col(Study.status).in_(StudyStatus.PENDING))
+                        .group_by(Study.status)
                     ).all()
             except Exception:  # the schema may be mid-migration; the bar is cosmetic, the run is not
                 continue
@@ -167,8 +175,13 @@ def _run_with_progress(settings: NightreadSettings) -> dict[str, Any]:
             finished = by_status.get(StudyStatus.DONE, 0) + by_status.get(StudyStatus.FAILED, 0)
             progress.update(task_id, total=max(total, 1), completed=finished)
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=err, transient=True) as progress:
         task_id = progress.add_task("annotating studies", total=None)
         poller = threading.Thread(target=poll, args=(progress, task_id), daemon=True)
@@ -234,10 +247,14 @@ def demo(
         pacs = SamplePacs(ae_title=settings.pacs.called_ae)
         pacs.start()
     try:
-        settings = settings.model_copy(update={"pacs": settings.pacs.model_copy(update={
-            "host": "127.0.0.1", "port": pacs.port, "name": "sample-pacs"})})
-        console.print(f"sample PACS {pacs.ae_title} on 127.0.0.1:{pacs.port} with "
-                      f"{len(pacs.archive.studies)} synthetic studies")
+        settings = settings.model_copy(
+            update={
+                "pacs": settings.pacs.model_copy(update={"host": "127.0.0.1", "port": pacs.port, "name": "sample-pacs"})
+            }
+        )
+        console.print(
+            f"sample PACS {pacs.ae_title} on 127.0.0.1:{pacs.port} with {len(pacs.archive.studies)} synthetic studies"
+        )
         upgrade(settings.database_url)
         t0 = time.perf_counter()
         result = _run_with_progress(settings)
@@ -245,8 +262,10 @@ def demo(
     finally:
         pacs.stop()
     _print_result(settings, result, "nightread demo")
-    console.print("Run `make demo` again: it finds nothing new and writes nothing twice. "
-                  "`.venv/bin/nightread status` shows the counts.")
+    console.print(
+        "Run `make demo` again: it finds nothing new and writes nothing twice. "
+        "`.venv/bin/nightread status` shows the counts."
+    )
 
 
 @app.command("sample-pacs")
@@ -272,8 +291,9 @@ def sample_pacs(
             raise _fail(f"--move-destination must look like AE=HOST:PORT, not {item!r}", 2) from None
     pacs = SamplePacs(ae_title=ae_title, host=host, port=port, seed=seed, move_destinations=destinations)
     pacs.start()
-    console.print(f"sample PACS {ae_title} listening on {host}:{pacs.port} "
-                  f"({len(pacs.archive.studies)} studies); Ctrl-C stops it")
+    console.print(
+        f"sample PACS {ae_title} listening on {host}:{pacs.port} ({len(pacs.archive.studies)} studies); Ctrl-C stops it"
+    )
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

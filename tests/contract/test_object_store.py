@@ -1,0 +1,54 @@
+"""The same contract on every ObjectStore: the fake, the folder, and (issue 3) S3."""
+
+from __future__ import annotations
+
+import pytest
+
+from integrations.fakes import InMemoryObjectStore
+from integrations.storage import LocalObjectStore, ObjectNotFound
+
+
+@pytest.fixture(params=["memory", "local"])
+def store(request, tmp_path):
+    if request.param == "memory":
+        return InMemoryObjectStore()
+    return LocalObjectStore(tmp_path / "objects")
+
+
+def test_put_get_roundtrip(store):
+    store.put("images/a/b/f0.png", b"\x89PNG data", content_type="image/png")
+    assert store.get("images/a/b/f0.png") == b"\x89PNG data"
+    assert store.exists("images/a/b/f0.png")
+
+
+def test_put_same_key_overwrites(store):
+    store.put("k/x.bin", b"one")
+    store.put("k/x.bin", b"two")
+    assert store.get("k/x.bin") == b"two"
+    assert list(store.list("k/")) == ["k/x.bin"]
+
+
+def test_missing_key(store):
+    assert not store.exists("nope/x.png")
+    with pytest.raises(ObjectNotFound, match="nope/x.png"):
+        store.get("nope/x.png")
+
+
+def test_list_by_prefix_is_sorted_and_recursive(store):
+    for key in ("b/2.png", "a/1.png", "a/deep/3.png", "c.png"):
+        store.put(key, b"x")
+    assert list(store.list("a/")) == ["a/1.png", "a/deep/3.png"]
+    assert list(store.list()) == ["a/1.png", "a/deep/3.png", "b/2.png", "c.png"]
+
+
+def test_delete_is_idempotent(store):
+    store.put("d/x", b"x")
+    store.delete("d/x")
+    store.delete("d/x")
+    assert not store.exists("d/x")
+
+
+@pytest.mark.parametrize("key", ["../escape.png", "/abs/path.png", "a//b.png", "a/../b.png", "", "dir/", "sp ace.png"])
+def test_bad_keys_are_refused(store, key):
+    with pytest.raises(ValueError, match="invalid object key"):
+        store.put(key, b"x")

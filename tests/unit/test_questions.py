@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+
+from flows.questions import load_bank
+from integrations.errors import ConfigurationError
+
+
+def test_bundled_bank_covers_the_modalities():
+    bank = load_bank()
+    closed = lambda m, b: [q for q in bank.for_image(modality=m, body_part=b) if q.kind == "closed"]  # noqa: E731
+    assert len(closed("DX", "CHEST")) >= 6
+    assert len(closed("CR", "")) >= 6
+    assert len(closed("CT", "CHEST")) >= 3
+    assert len(closed("MR", "BRAIN")) >= 2
+    assert all(q.flag_threshold is not None for q in closed("DX", "CHEST"))
+
+
+def test_version_is_the_sha_of_the_file(tmp_path):
+    text = 'name: t\nquestions:\n  - {id: a, text: "Is there a thing?", modalities: [CT], flag_threshold: 0.5}\n'
+    f = tmp_path / "bank.yaml"
+    f.write_text(text)
+    v1 = load_bank(f).version
+    f.write_text(text.replace("0.5", "0.6"))
+    v2 = load_bank(f).version
+    assert v1 != v2 and len(v1) == 12
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ('questions:\n  - {id: a, text: "Is it?", modalities: [CT]}\n', "name"),
+        ('name: t\nquestions:\n  - {id: A-bad, text: "Is it?", modalities: [CT]}\n', "questions.0.id"),
+        ('name: t\nquestions:\n  - {id: a, text: "Is it?", modalities: [CT], flag_threshold: 2}\n', "flag_threshold"),
+        (
+            'name: t\nquestions:\n  - {id: a, text: "What?", kind: open, modalities: [CT], flag_threshold: 0.5}\n',
+            "closed questions only",
+        ),
+        (
+            'name: t\nquestions:\n  - {id: a, text: "Is it?", modalities: [CT]}\n  - {id: a, text: "Is it?", '
+            "modalities: [MR]}\n",
+            "appears twice",
+        ),
+    ],
+)
+def test_invalid_banks_name_what_is_wrong(tmp_path, body, needle):
+    f = tmp_path / "bank.yaml"
+    f.write_text(body)
+    with pytest.raises(ConfigurationError, match=needle):
+        load_bank(f)
+
+
+def test_body_part_filter():
+    bank = load_bank()
+    ids = {q.id for q in bank.for_image(modality="CT", body_part="HEAD")}
+    assert "ct_intracranial_hemorrhage" in ids
+    assert "ct_intracranial_hemorrhage" not in {q.id for q in bank.for_image(modality="CT", body_part="CHEST")}

@@ -1,0 +1,149 @@
+"""Rendering asserts on pixel values of the output, not on the steps' names alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from integrations.errors import DecodeError
+from integrations.imaging import png_to_array, read_instance_info, render, render_version
+
+
+def _ds(
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    modality: str = "DX",
+    signed: bool = False,
+    sop_class=SecondaryCaptureImageStorage,
+) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = modality
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.PixelData = pixels.astype("<i2" if signed else "<u2").tobytes()
+    return ds
+
+
+def _stripe(value_bg: int, value_stripe: int) -> np.ndarray:
+    img = np.full((64, 64), value_bg, dtype=np.uint16)
+    img[:, 28:36] = value_stripe
+    return img
+
+
+def test_monochrome1_bone_stripe_renders_bright():
+    # MONOCHROME1: the minimum stored value is displayed white. Bone is stored LOW.
+    ds = _ds(_stripe(3500, 200), photometric="MONOCHROME1")
+    out = png_to_array(render(ds).png)
+    assert out[:, 30].mean() > 200, "the bone stripe must be bright"
+    assert out[:, 5].mean() < 60, "the background must be dark"
+
+
+def test_monochrome2_same_pixels_render_the_other_way_round():
+    out = png_to_array(render(_ds(_stripe(3500, 200))).png)
+    assert out[:, 30].mean() < 60 and out[:, 5].mean() > 200
+
+
+def test_ct_lung_window_follows_the_dicom_linear_formula():
+    hu = np.full((64, 64), -1000, dtype=np.int32)  # air
+    hu[:, 32:] = 40  # soft tissue
+    ds = _ds((hu + 1024).astype(np.uint16), modality="CT", sop_class=CTImageStorage)
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.WindowCenter, ds.WindowWidth = -600, 1500  # lung window
+    out = png_to_array(render(ds).png)
+    # PS3.3 C.11.2.1.2 LINEAR: y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255
+    air = ((-1000 - (-600 - 0.5)) / 1499 + 0.5) * 255  # 60
+    tissue = ((40 - (-600 - 0.5)) / 1499 + 0.5) * 255  # 236
+    assert abs(out[:, :30].mean() - air) < 1.5, "air is dark grey in a lung window"
+    assert abs(out[:, 40:].mean() - tissue) < 1.5, "soft tissue is near white in a lung window"
+    assert out[:, :30].mean() < 70
+
+
+def test_negative_hounsfield_units_are_not_clipped_with_signed_pixels():
+    hu = np.full((32, 32), -1000, dtype=np.int16)
+    hu[:, 16:] = 0
+    ds = _ds(hu, modality="CT", signed=True, sop_class=CTImageStorage)
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    ds.WindowCenter, ds.WindowWidth = -500, 1000  # -1000 -> black, 0 -> white
+    out = png_to_array(render(ds).png)
+    assert out[:, :14].max() < 10 and out[:, 18:].min() > 245
+
+
+def test_ct_without_window_uses_the_modality_default():
+    hu = np.full((32, 32), 40, dtype=np.int32)  # soft tissue at the default window's centre
+    ds = _ds((hu + 1024).astype(np.uint16), modality="CT", sop_class=CTImageStorage)
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    r = render(ds)
+    assert any(s.startswith("default-window") for s in r.steps)
+    assert 110 < png_to_array(r.png).mean() < 145
+
+
+def test_multivalued_window_takes_the_first_value():
+    hu = np.full((32, 32), -600, dtype=np.int32)
+    ds = _ds((hu + 1024).astype(np.uint16), modality="CT", sop_class=CTImageStorage)
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.WindowCenter, ds.WindowWidth = [-600, 40], [1500, 400]  # lung first: -600 sits mid-grey
+    assert 110 < png_to_array(render(ds).png).mean() < 145
+
+
+def test_long_edge_is_capped_and_aspect_ratio_kept():
+    ds = _ds(np.zeros((400, 200), dtype=np.uint16))
+    r = render(ds, max_long_edge=100)
+    assert (r.width, r.height) == (50, 100)
+    assert r.render_version == render_version(100)
+    assert png_to_array(r.png).shape == (100, 50, 3)
+
+
+def test_output_is_8_bit_rgb():
+    arr = png_to_array(render(_ds(_stripe(100, 4000))).png)
+    assert arr.dtype == np.uint8 and arr.shape[2] == 3
+
+
+def test_no_pixel_data_is_a_clear_decode_error():
+    ds = _ds(np.zeros((8, 8), dtype=np.uint16))
+    del ds.PixelData
+    with pytest.raises(DecodeError, match="no Pixel Data"):
+        render(ds)
+
+
+def test_truncated_pixel_data_names_the_transfer_syntax_and_no_identifiers():
+    ds = _ds(np.zeros((64, 64), dtype=np.uint16))
+    ds.PatientName = "DOE^JANE"
+    ds.PatientID = "MRN12345"
+    ds.PixelData = b"\x00" * 100
+    with pytest.raises(DecodeError) as info:
+        render(ds)
+    message = str(info.value)
+    assert "1.2.840.10008.1.2.1" in message
+    assert "DOE" not in message and "MRN12345" not in message and ds.SOPInstanceUID not in message
+
+
+def test_garbage_file_is_a_decode_error(tmp_path):
+    path = tmp_path / "junk.dcm"
+    path.write_bytes(b"this is not dicom at all")
+    with pytest.raises(DecodeError):
+        read_instance_info(path)
+    with pytest.raises(DecodeError):
+        render(path)
+
+
+def test_instance_info_reads_selection_tags_without_pixels(tmp_path):
+    ds = _ds(np.zeros((16, 16), dtype=np.uint16), modality="CR")
+    ds.ViewPosition, ds.BodyPartExamined, ds.ImageType = "PA", "CHEST", ["ORIGINAL", "PRIMARY"]
+    path = tmp_path / "a.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    info = read_instance_info(path)
+    assert (info.modality, info.view_position, info.body_part) == ("CR", "PA", "CHEST")
+    assert info.has_pixels and info.is_image_sop_class
+    assert info.image_type == ("ORIGINAL", "PRIMARY")

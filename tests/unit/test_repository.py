@@ -1,0 +1,173 @@
+"""Repository upserts on a migrated SQLite database: every re-run writes nothing twice."""
+
+from __future__ import annotations
+
+import pytest
+from sqlmodel import func, select
+
+from db import repository as repo
+from db.migrate import current_revision, head_revision, upgrade
+from db.models import Caption, Failure, Finding, Image, ModelVersion, PacsSource, Study, utcnow
+from db.session import make_engine, session_scope
+
+
+@pytest.fixture
+def engine(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    eng = make_engine(url)
+    yield eng
+    eng.dispose()
+
+
+def count(session, model) -> int:
+    return session.exec(select(func.count()).select_from(model)).one()
+
+
+def test_migrations_reach_head_and_rerun_cleanly(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.sqlite'}"
+    upgrade(url)
+    upgrade(url)  # already at head: a no-op
+    eng = make_engine(url)
+    assert current_revision(eng) == head_revision()
+    eng.dispose()
+
+
+def _seed(session):
+    src = repo.upsert_source(session=session, name="pacs", kind="dimse", ae_title="P", host="h", port=1)
+    new = repo.register_studies(
+        session=session,
+        source_id=src.id,
+        studies=[
+            {
+                "study_instance_uid": "1.2.3",
+                "study_date": "20260101",
+                "study_time": "101500",
+                "accession_number": "ACC1",
+                "modalities": ("CR",),
+                "number_of_instances": 2,
+            },
+        ],
+    )
+    study = session.exec(select(Study)).one()
+    return src, new, study
+
+
+def test_register_studies_is_idempotent_and_hashes_accession(engine):
+    with session_scope(engine) as s:
+        src, new, study = _seed(s)
+        assert new == 1
+        assert study.accession_hash and "ACC1" not in study.accession_hash
+        again = repo.register_studies(session=s, source_id=src.id, studies=[{"study_instance_uid": "1.2.3"}])
+        assert again == 0
+        assert count(s, Study) == 1
+
+
+def test_cursor_only_moves_forward(engine):
+    with session_scope(engine) as s:
+        src, _, _ = _seed(s)
+        repo.move_cursor(session=s, source_id=src.id, date="20260105", time="080000")
+        repo.move_cursor(session=s, source_id=src.id, date="20260101", time="235959")
+        got = s.get(PacsSource, src.id)
+        assert (got.cursor_date, got.cursor_time) == ("20260105", "080000")
+
+
+def test_source_upsert_updates_connection_not_cursor(engine):
+    with session_scope(engine) as s:
+        src, _, _ = _seed(s)
+        repo.move_cursor(session=s, source_id=src.id, date="20260105", time="080000")
+    with session_scope(engine) as s:
+        again = repo.upsert_source(session=s, name="pacs", kind="dimse", ae_title="P2", host="h2", port=2)
+        assert again.id == src.id and again.host == "h2" and again.cursor_date == "20260105"
+        assert count(s, PacsSource) == 1
+
+
+def test_images_captions_findings_write_nothing_twice(engine):
+    with session_scope(engine) as s:
+        _, _, study = _seed(s)
+        values = {
+            "study_id": study.id,
+            "sop_instance_uid": "1.2.3.4",
+            "series_instance_uid": "1.2.3.5",
+            "modality": "CR",
+            "frame": 0,
+            "render_version": "r1-512",
+            "object_key": "images/a/b/f0.png",
+            "sha256": "0" * 64,
+            "width": 10,
+            "height": 10,
+            "created_at": utcnow(),
+        }
+        image_id = repo.upsert_image(session=s, values=values)
+        assert repo.upsert_image(session=s, values=values) == image_id
+        mv = repo.upsert_model_version(session=s, name="m", revision="r", backend="local", options={"dtype": "f32"})
+        assert (
+            repo.upsert_model_version(session=s, name="m", revision="r", backend="local", options={"dtype": "f32"}).id
+            == mv.id
+        )
+        cap = {
+            "image_id": image_id,
+            "model_version_id": mv.id,
+            "prompt_version": "p1",
+            "render_version": "r1-512",
+            "text": "a chest",
+            "latency_ms": 1.0,
+            "created_at": utcnow(),
+        }
+        finding = {
+            "study_id": study.id,
+            "image_id": image_id,
+            "model_version_id": mv.id,
+            "question_id": "q1",
+            "bank_version": "b1",
+            "prompt_version": "p1",
+            "render_version": "r1-512",
+            "kind": "closed",
+            "answer": "yes",
+            "probability": 0.9,
+            "flagged": True,
+            "flag_reason": "x",
+            "created_at": utcnow(),
+        }
+        assert repo.insert_captions(session=s, rows=[cap]) == 1
+        assert repo.insert_findings(session=s, rows=[finding]) == 1
+        assert repo.insert_captions(session=s, rows=[cap]) == 0
+        assert repo.insert_findings(session=s, rows=[finding, finding]) == 0
+        assert repo.annotated_image_ids(session=s, image_ids=[image_id], model_version_id=mv.id, bank_version="b1") == {
+            image_id
+        }
+        # a new bank version is new work
+        assert repo.insert_findings(session=s, rows=[{**finding, "bank_version": "b2"}]) == 1
+        assert (count(s, Image), count(s, Caption), count(s, Finding), count(s, ModelVersion)) == (1, 1, 2, 1)
+
+
+def test_failures_count_attempts_and_resolve(engine):
+    with session_scope(engine) as s:
+        repo.record_failure(session=s, stage="render", object_ref="sop:abc:f0", error=ValueError("bad pixels"))
+        repo.record_failure(session=s, stage="render", object_ref="sop:abc:f0", error=ValueError("bad pixels"))
+        (f,) = s.exec(select(Failure)).all()
+        assert (f.attempts, f.error_class, f.message, f.resolved) == (2, "ValueError", "bad pixels", False)
+        assert repo.status_counts(session=s)["failures"] == 1
+        repo.resolve_failures(session=s, stage="render", object_ref="sop:abc:f0")
+    with session_scope(engine) as s:
+        assert repo.status_counts(session=s)["failures"] == 0
+
+
+def test_pending_studies_respects_attempts(engine):
+    with session_scope(engine) as s:
+        _, _, study = _seed(s)
+        assert [x.id for x in repo.pending_studies(session=s, max_attempts=3)] == [study.id]
+        repo.update_study(session=s, study_id=study.id, attempts=3, status="incomplete")
+        assert repo.pending_studies(session=s, max_attempts=3) == []
+        with pytest.raises(AttributeError, match="no column"):
+            repo.update_study(session=s, study_id=study.id, colour="blue")
+
+
+def test_status_counts_and_runs(engine):
+    with session_scope(engine) as s:
+        _seed(s)
+        run_id = repo.start_run(session=s, kind="nightly", parameters={}, flow_run_id="abc")
+        repo.finish_run(session=s, run_id=run_id, status="completed", counts={"new": 1})
+        data = repo.status_counts(session=s)
+    assert data["studies"] == {"total": 1, "new": 1}
+    assert data["last_run"]["status"] == "completed" and data["last_run"]["counts"] == {"new": 1}

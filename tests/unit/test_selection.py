@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.selection import load_rules, select
+from integrations.errors import ConfigurationError
+from integrations.imaging import InstanceInfo
+
+CR = "1.2.840.10008.5.1.4.1.1.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+def info(
+    n: int,
+    *,
+    modality: str = "CT",
+    view: str = "",
+    series: str = "s1",
+    image_type=("ORIGINAL", "PRIMARY"),
+    z: float | None = None,
+    sop_class: str = CT,
+) -> InstanceInfo:
+    return InstanceInfo(
+        path=Path(f"/x/{n}.dcm"),
+        sop_class_uid=sop_class,
+        sop_instance_uid=f"1.{n}",
+        series_instance_uid=series,
+        study_instance_uid="9",
+        modality=modality,
+        view_position=view,
+        image_type=tuple(image_type),
+        instance_number=n,
+        slice_position=z,
+        has_pixels=True,
+        rows=8,
+        columns=8,
+    )
+
+
+def test_chest_frontal_selected_lateral_skipped():
+    rules = load_rules()
+    d = select(
+        [
+            info(1, modality="CR", view="PA", sop_class=CR),
+            info(2, modality="CR", view="LL", sop_class=CR),
+            info(3, modality="DX", view="AP", sop_class=CR),
+            info(4, modality="DX", view="", sop_class=CR),
+        ],
+        rules,
+    )
+    assert [x.selected for x in d] == [True, False, True, True]
+    assert d[1].reason == "not a frontal view"
+
+
+def test_ct_representative_slices_evenly_spaced_by_position_not_file_order():
+    rules = load_rules()
+    slices = [info(i, z=float(-i)) for i in range(33)]  # positions run opposite to instance numbers
+    chosen = [x.info.instance_number for x in select(slices, rules) if x.selected]
+    assert len(chosen) == 3
+    # by position (ascending z = descending instance number): quartiles of 33 slices
+    assert sorted(chosen) == [8, 16, 24]
+
+
+def test_representative_per_series():
+    rules = load_rules()
+    instances = [info(i, series="a", z=float(i)) for i in range(10)] + [
+        info(i, series="b", z=float(i)) for i in range(10, 20)
+    ]
+    chosen = [x for x in select(instances, rules) if x.selected]
+    assert len(chosen) == 6
+    assert {x.info.series_instance_uid for x in chosen} == {"a", "b"}
+
+
+def test_short_series_keeps_every_slice():
+    assert sum(x.selected for x in select([info(1, z=0.0), info(2, z=1.0)], load_rules())) == 2
+
+
+def test_localizer_and_derived_excluded():
+    d = select(
+        [info(1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), info(2, image_type=("DERIVED", "SECONDARY"))],
+        load_rules(),
+    )
+    assert [(x.selected, x.reason) for x in d] == [(False, "localizer/scout"), (False, "derived or secondary image")]
+
+
+def test_non_image_objects_skipped_not_failed():
+    sr = InstanceInfo(
+        path=Path("/x/sr.dcm"),
+        sop_class_uid=SR,
+        sop_instance_uid="1.9",
+        series_instance_uid="s",
+        study_instance_uid="9",
+        modality="SR",
+    )
+    (d,) = select([sr], load_rules())
+    assert not d.selected and d.reason == "not an image object"
+
+
+def test_unknown_modality_says_so():
+    (d,) = select([info(1, modality="XC", sop_class=CR)], load_rules())
+    assert not d.selected and "XC" in d.reason
+
+
+def test_bad_rules_file_names_the_field(tmp_path):
+    bad = tmp_path / "rules.yaml"
+    bad.write_text("rules:\n  - name: ct\n    match: {modalities: [CT]}\n    action: representative\n")
+    with pytest.raises(ConfigurationError, match="needs a count"):
+        load_rules(bad)
+    bad.write_text("rules:\n  - name: x\n    match: {modality: [CT]}\n    action: select\n")
+    with pytest.raises(ConfigurationError, match=r"rules\.0\.match\.modality"):
+        load_rules(bad)
+    bad.write_text("rules: [")
+    with pytest.raises(ConfigurationError, match="not valid YAML"):
+        load_rules(bad)
+    with pytest.raises(ConfigurationError, match="cannot be read"):
+        load_rules(tmp_path / "missing.yaml")

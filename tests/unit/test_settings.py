@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from flows.settings import NightreadSettings, mask_url
+
+
+def test_embedded_defaults_live_under_one_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("NIGHTREAD_DATABASE__URL", raising=False)
+    s = NightreadSettings(data_dir=tmp_path)
+    assert s.database_url == f"sqlite:///{tmp_path / 'nightread.db'}"
+    assert s.storage_root == tmp_path / "objects"
+    assert s.inference.backend == "local"
+    assert s.inference.model == "HuggingFaceTB/SmolVLM-256M-Instruct"
+
+
+def test_nested_environment_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("NIGHTREAD_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("NIGHTREAD_PACS__PORT", "4242")
+    monkeypatch.setenv("NIGHTREAD_PACS__RETRIEVE", "move")
+    monkeypatch.setenv("NIGHTREAD_PACS__MODALITIES", '["CR","DX"]')
+    monkeypatch.setenv("NIGHTREAD_RENDER__MAX_LONG_EDGE", "256")
+    s = NightreadSettings()
+    assert (s.pacs.port, s.pacs.retrieve, s.pacs.modalities) == (4242, "move", ["CR", "DX"])
+    assert s.render.max_long_edge == 256
+    assert s.data_dir == tmp_path
+
+
+def test_bad_value_names_the_field(monkeypatch):
+    monkeypatch.setenv("NIGHTREAD_PACS__RETRIEVE", "teleport")
+    with pytest.raises(ValidationError, match="retrieve"):
+        NightreadSettings()
+
+
+def test_ae_title_is_validated():
+    with pytest.raises(ValidationError, match="AE title"):
+        NightreadSettings(pacs={"calling_ae": "THIS-IS-FAR-TOO-LONG-FOR-DICOM"})
+
+
+def test_masked_hides_secrets_and_passwords(tmp_path):
+    s = NightreadSettings(
+        data_dir=tmp_path,
+        database={"url": "postgresql+psycopg://reader:hunter2@db.example/nightread"},
+        storage={"backend": "s3", "secret_key": "s3cr3t", "access_key": "AK"},
+    )
+    text = str(s.masked())
+    assert "hunter2" not in text
+    assert "s3cr3t" not in text
+    assert "reader:***@db.example" in text
+
+
+def test_mask_url_leaves_urls_without_password():
+    assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    assert mask_url("postgresql://u@h/db") == "postgresql://u@h/db"
