@@ -30,7 +30,7 @@ def test_put_same_key_overwrites(store):
 
 def test_missing_key(store):
     assert not store.exists("nope/x.png")
-    with pytest.raises(ObjectNotFound, match="nope/x.png"):
+    with pytest.raises(ObjectNotFound, match=r"nope/x\.png"):
         store.get("nope/x.png")
 
 

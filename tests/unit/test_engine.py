@@ -58,7 +58,8 @@ def test_local_annotator_answers_every_question(tiny_model, tmp_path):
     resolved = resolve_checkpoint(
         str(tiny_model), revision=None, cache_dir=tmp_path, offline_fallback=False, tiny_family="smolvlm"
     )
-    assert resolved.offline_stand_in and resolved.name == "tiny-random-smolvlm"
+    assert resolved.offline_stand_in
+    assert resolved.name == "tiny-random-smolvlm"
     annotator = LocalAnnotator.from_checkpoint(resolved)
     buf = io.BytesIO()
     image().save(buf, format="PNG")
@@ -68,10 +69,13 @@ def test_local_annotator_answers_every_question(tiny_model, tmp_path):
     )
     assert isinstance(result.caption, str)
     assert [a.question_id for a in result.answers] == ["a", "b"]
-    assert result.answers[0].p_yes is not None and result.answers[1].p_yes is None
+    assert result.answers[0].p_yes is not None
+    assert result.answers[1].p_yes is None
     assert result.prompt_version == prompts.PROMPT_VERSION
     info = annotator.model_info
-    assert info.offline_stand_in and info.revision == resolved.revision and info.backend == "local"
+    assert info.offline_stand_in
+    assert info.revision == resolved.revision
+    assert info.backend == "local"
 
 
 def test_unreachable_model_falls_back_to_tiny_and_says_so(tmp_path, monkeypatch):
@@ -84,7 +88,8 @@ def test_unreachable_model_falls_back_to_tiny_and_says_so(tmp_path, monkeypatch)
         tiny_family="smolvlm",
     )
     assert resolved.offline_stand_in
-    assert "could not be loaded" in resolved.note and "tiny" in resolved.note
+    assert "could not be loaded" in resolved.note
+    assert "tiny" in resolved.note
     assert (tmp_path / "tiny-smolvlm" / "config.json").is_file()
 
 

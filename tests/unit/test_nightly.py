@@ -55,13 +55,17 @@ def test_nightly_end_to_end_then_idempotent(prefect_harness, settings):
     assert all(f.flagged == (f.probability >= _threshold(f.question_id)) for f in closed)
     assert {f.bank_version for f in findings} == {load_bank().version}
     assert all(f.render_version == images[f.image_id].render_version for f in findings)
-    assert mv.offline_stand_in and mv.name == "tiny-random-smolvlm" and mv.options["prompt_version"]
+    assert mv.offline_stand_in
+    assert mv.name == "tiny-random-smolvlm"
+    assert mv.options["prompt_version"]
     assert all(s.status == "done" for s in studies)
     assert all(s.received_instances == s.expected_instances for s in studies)
     assert source.cursor_date == max(s.study_date for s in studies)
     # the corrupt and pixel-less instances are failures with clear reasons, the rest of the study went on
     reasons = sorted(f.message for f in failures if f.stage == "render")
-    assert len(reasons) == 2 and "no Pixel Data" in reasons[1] and "could not be decoded" in reasons[0]
+    assert len(reasons) == 2
+    assert "no Pixel Data" in reasons[1]
+    assert "could not be decoded" in reasons[0]
     assert first["failed"] == 2
     # objects are in the store under keys without UIDs
     store = LocalObjectStore(settings.storage_root)
@@ -72,7 +76,8 @@ def test_nightly_end_to_end_then_idempotent(prefect_harness, settings):
     assert all(store.get(i.object_key)[:4] == b"\x89PNG" for i in images.values())
 
     second = run_nightly(settings)
-    assert second["new"] == 0 and second.get("retrieved", 0) == 0
+    assert second["new"] == 0
+    assert second.get("retrieved", 0) == 0
     c2 = counts(engine)
     assert {k: v for k, v in c2.items() if k != "Run"} == {k: v for k, v in c1.items() if k != "Run"}
     assert c2["Run"] == c1["Run"] + 1
@@ -110,7 +115,8 @@ def test_unreachable_pacs_fails_the_run_clearly(prefect_harness, make_settings):
     engine = make_engine(s.database_url)
     with Session(engine) as session:
         (run,) = session.exec(select(Run)).all()
-    assert run.status == "failed" and run.finished_at is not None
+    assert run.status == "failed"
+    assert run.finished_at is not None
     engine.dispose()
 
 
@@ -136,14 +142,17 @@ def test_incomplete_study_is_retried_then_recorded_as_failed(prefect_harness, ma
     upgrade(s.database_url)
     engine = make_engine(s.database_url)
     first = run_nightly(s)
-    assert first["studies_failed"] == 1 and first.get("studies_done", 0) == 0
+    assert first["studies_failed"] == 1
+    assert first.get("studies_done", 0) == 0
     with Session(engine) as session:
         (study,) = session.exec(select(Study)).all()
         (failure,) = session.exec(select(Failure)).all()
     assert (study.status, study.attempts, study.received_instances) == ("incomplete", 1, 33)
-    assert failure.error_class == "RetrievalIncomplete" and "received 33 of 34" in failure.message
+    assert failure.error_class == "RetrievalIncomplete"
+    assert "received 33 of 34" in failure.message
     second = run_nightly(s)  # tried again, gives up after max_attempts
-    assert second["pending"] == 1 and second["studies_failed"] == 1
+    assert second["pending"] == 1
+    assert second["studies_failed"] == 1
     with Session(engine) as session:
         study = session.exec(select(Study)).one()
         failure = session.exec(select(Failure)).one()

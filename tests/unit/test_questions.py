@@ -23,7 +23,8 @@ def test_version_is_the_sha_of_the_file(tmp_path):
     v1 = load_bank(f).version
     f.write_text(text.replace("0.5", "0.6"))
     v2 = load_bank(f).version
-    assert v1 != v2 and len(v1) == 12
+    assert v1 != v2
+    assert len(v1) == 12
 
 
 @pytest.mark.parametrize(

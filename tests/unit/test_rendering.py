@@ -52,7 +52,8 @@ def test_monochrome1_bone_stripe_renders_bright():
 
 def test_monochrome2_same_pixels_render_the_other_way_round():
     out = png_to_array(render(_ds(_stripe(3500, 200))).png)
-    assert out[:, 30].mean() < 60 and out[:, 5].mean() > 200
+    assert out[:, 30].mean() < 60
+    assert out[:, 5].mean() > 200
 
 
 def test_ct_lung_window_follows_the_dicom_linear_formula():
@@ -77,7 +78,8 @@ def test_negative_hounsfield_units_are_not_clipped_with_signed_pixels():
     ds.RescaleIntercept, ds.RescaleSlope = 0, 1
     ds.WindowCenter, ds.WindowWidth = -500, 1000  # -1000 -> black, 0 -> white
     out = png_to_array(render(ds).png)
-    assert out[:, :14].max() < 10 and out[:, 18:].min() > 245
+    assert out[:, :14].max() < 10
+    assert out[:, 18:].min() > 245
 
 
 def test_ct_without_window_uses_the_modality_default():
@@ -107,7 +109,8 @@ def test_long_edge_is_capped_and_aspect_ratio_kept():
 
 def test_output_is_8_bit_rgb():
     arr = png_to_array(render(_ds(_stripe(100, 4000))).png)
-    assert arr.dtype == np.uint8 and arr.shape[2] == 3
+    assert arr.dtype == np.uint8
+    assert arr.shape[2] == 3
 
 
 def test_no_pixel_data_is_a_clear_decode_error():
@@ -126,7 +129,9 @@ def test_truncated_pixel_data_names_the_transfer_syntax_and_no_identifiers():
         render(ds)
     message = str(info.value)
     assert "1.2.840.10008.1.2.1" in message
-    assert "DOE" not in message and "MRN12345" not in message and ds.SOPInstanceUID not in message
+    assert "DOE" not in message
+    assert "MRN12345" not in message
+    assert ds.SOPInstanceUID not in message
 
 
 def test_garbage_file_is_a_decode_error(tmp_path):
@@ -145,5 +150,6 @@ def test_instance_info_reads_selection_tags_without_pixels(tmp_path):
     ds.save_as(path, enforce_file_format=True)
     info = read_instance_info(path)
     assert (info.modality, info.view_position, info.body_part) == ("CR", "PA", "CHEST")
-    assert info.has_pixels and info.is_image_sop_class
+    assert info.has_pixels
+    assert info.is_image_sop_class
     assert info.image_type == ("ORIGINAL", "PRIMARY")

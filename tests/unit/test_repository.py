@@ -57,7 +57,8 @@ def test_register_studies_is_idempotent_and_hashes_accession(engine):
     with session_scope(engine) as s:
         src, new, study = _seed(s)
         assert new == 1
-        assert study.accession_hash and "ACC1" not in study.accession_hash
+        assert study.accession_hash
+        assert "ACC1" not in study.accession_hash
         again = repo.register_studies(session=s, source_id=src.id, studies=[{"study_instance_uid": "1.2.3"}])
         assert again == 0
         assert count(s, Study) == 1
@@ -78,7 +79,9 @@ def test_source_upsert_updates_connection_not_cursor(engine):
         repo.move_cursor(session=s, source_id=src.id, date="20260105", time="080000")
     with session_scope(engine) as s:
         again = repo.upsert_source(session=s, name="pacs", kind="dimse", ae_title="P2", host="h2", port=2)
-        assert again.id == src.id and again.host == "h2" and again.cursor_date == "20260105"
+        assert again.id == src.id
+        assert again.host == "h2"
+        assert again.cursor_date == "20260105"
         assert count(s, PacsSource) == 1
 
 
@@ -170,4 +173,5 @@ def test_status_counts_and_runs(engine):
         repo.finish_run(session=s, run_id=run_id, status="completed", counts={"new": 1})
         data = repo.status_counts(session=s)
     assert data["studies"] == {"total": 1, "new": 1}
-    assert data["last_run"]["status"] == "completed" and data["last_run"]["counts"] == {"new": 1}
+    assert data["last_run"]["status"] == "completed"
+    assert data["last_run"]["counts"] == {"new": 1}

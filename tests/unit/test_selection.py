@@ -96,12 +96,14 @@ def test_non_image_objects_skipped_not_failed():
         modality="SR",
     )
     (d,) = select([sr], load_rules())
-    assert not d.selected and d.reason == "not an image object"
+    assert not d.selected
+    assert d.reason == "not an image object"
 
 
 def test_unknown_modality_says_so():
     (d,) = select([info(1, modality="XC", sop_class=CR)], load_rules())
-    assert not d.selected and "XC" in d.reason
+    assert not d.selected
+    assert "XC" in d.reason
 
 
 def test_bad_rules_file_names_the_field(tmp_path):
