@@ -68,7 +68,8 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
     ctx = get_run_context()
-    flow_run_id = str(ctx.flow_run.id) if getattr(ctx, "flow_run", None) else None
+    flow_run = getattr(ctx, "flow_run", None)
+    flow_run_id = str(flow_run.id) if flow_run is not None else None
     counts: Counter[str] = Counter()
     with Runtime.build(settings) as rt:
         with session_scope(rt.engine) as session:
@@ -93,7 +94,7 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
                 ]
             counts["pending"] = len(pending)
             logger.info("discovered %d studies (%d new); %d to process", counts["found"], counts["new"], len(pending))
-            futures = [process_study.submit(rt, study_id, run_id) for study_id in pending]
+            futures = [process_study.submit(rt, study_id, run_id) for study_id in pending if study_id is not None]
             for future in futures:
                 counts.update(future.result())
             status = "completed" if not counts["studies_failed"] and not counts["failed"] else "completed_with_failures"
@@ -110,7 +111,7 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
 
 def run_nightly(settings: NightreadSettings) -> dict[str, Any]:
     """The nightly flow with the configured concurrency."""
-    runner = ThreadPoolTaskRunner(max_workers=settings.flow.concurrency)  # type: ignore[no-untyped-call]
+    runner: Any = ThreadPoolTaskRunner(max_workers=settings.flow.concurrency)
     flow_with_runner = nightly.with_options(task_runner=runner)
     result: dict[str, Any] = flow_with_runner(settings=settings)
     return result

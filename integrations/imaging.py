@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image as PILImage
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
 from integrations.errors import DecodeError
@@ -171,11 +172,12 @@ def _first(value: Any) -> float:
     return float(values_of(value)[0])
 
 
-def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+def _window(arr: npt.NDArray[Any], center: float, width: float, function: str) -> npt.NDArray[Any]:
     """DICOM PS3.3 C.11.2.1.2: map to [0, 1]."""
     function = function.upper() or "LINEAR"
     if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (arr - center) / max(width, 1e-6)))
+        out: npt.NDArray[Any] = 1.0 / (1.0 + np.exp(-4.0 * (arr - center) / max(width, 1e-6)))
+        return out
     if function == "LINEAR_EXACT":
         width = max(width, 1e-6)
         return np.clip((arr - (center - width / 2)) / width, 0.0, 1.0)
@@ -183,14 +185,14 @@ def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.n
     return np.clip(((arr - (center - 0.5)) / (width - 1)) + 0.5, 0.0, 1.0)
 
 
-def _normalize(arr: np.ndarray) -> np.ndarray:
+def _normalize(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
     lo, hi = np.percentile(arr, (0.5, 99.5)) if arr.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1.0
     return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
 
 
-def _grey_to_unit(ds: Dataset, arr: np.ndarray, modality: str, steps: list[str]) -> np.ndarray:
+def _grey_to_unit(ds: Dataset, arr: npt.NDArray[Any], modality: str, steps: list[str]) -> npt.NDArray[Any]:
     values = apply_modality_lut(arr, ds).astype(np.float64)
     if "ModalityLUTSequence" in ds:
         steps.append("modality-lut-sequence")
@@ -283,11 +285,12 @@ def render(source: Path | Dataset, *, frame: int = 0, max_long_edge: int = 512) 
     )
 
 
-def _to_uint8_color(arr: np.ndarray) -> np.ndarray:
+def _to_uint8_color(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
     if arr.dtype == np.uint8:
         return arr
     hi = float(arr.max()) if arr.size else 1.0
-    return np.round(arr.astype(np.float64) / max(hi, 1.0) * 255.0).astype(np.uint8)
+    out: npt.NDArray[Any] = np.round(arr.astype(np.float64) / max(hi, 1.0) * 255.0).astype(np.uint8)
+    return out
 
 
 def _safe_message(exc: BaseException) -> str:
@@ -295,7 +298,7 @@ def _safe_message(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300]
 
 
-def png_to_array(png: bytes) -> np.ndarray:
+def png_to_array(png: bytes) -> npt.NDArray[Any]:
     with PILImage.open(io.BytesIO(png)) as img:
         return np.asarray(img.convert("RGB"))
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
@@ -77,7 +78,7 @@ class SampleStudy:
 # --- synthetic pixel data ------------------------------------------------------------------------
 
 
-def chest_radiograph(rows: int, cols: int, *, lateral: bool, rng: np.random.Generator) -> np.ndarray:
+def chest_radiograph(rows: int, cols: int, *, lateral: bool, rng: np.random.Generator) -> npt.NDArray[Any]:
     """A 12-bit chest projection in 'attenuation' units: high = dense (bone), low = air."""
     yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
     cy, cx = rows * 0.55, cols * 0.5
@@ -107,7 +108,7 @@ def chest_radiograph(rows: int, cols: int, *, lateral: bool, rng: np.random.Gene
     return np.clip(img, 0, 4095).astype(np.uint16)
 
 
-def ct_slice(size: int, z: float, rng: np.random.Generator) -> np.ndarray:
+def ct_slice(size: int, z: float, rng: np.random.Generator) -> npt.NDArray[Any]:
     """Stored values of one axial chest CT slice; HU = stored - 1024."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     c = size / 2
@@ -125,7 +126,7 @@ def ct_slice(size: int, z: float, rng: np.random.Generator) -> np.ndarray:
     return np.clip(hu + 1024.0, 0, 4095).astype(np.uint16)
 
 
-def mr_slice(size: int, z: float, rng: np.random.Generator) -> np.ndarray:
+def mr_slice(size: int, z: float, rng: np.random.Generator) -> npt.NDArray[Any]:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     c = size / 2
     r = 0.38 + 0.04 * np.cos(z)
@@ -159,7 +160,7 @@ def _base(
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
@@ -186,7 +187,7 @@ def _base(
     return ds
 
 
-def _set_pixels(ds: Dataset, pixels: np.ndarray) -> None:
+def _set_pixels(ds: Dataset, pixels: npt.NDArray[Any]) -> None:
     ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
     ds.PixelData = pixels.astype("<u2").tobytes()
 

@@ -1,0 +1,92 @@
+"""The CLI as a user runs it: a real subprocess of the installed `nightread` script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NIGHTREAD = str(Path(sys.executable).parent / "nightread")
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [NIGHTREAD, *args], capture_output=True, text=True, env=full_env, timeout=timeout, check=False
+    )
+
+
+def test_help_lists_the_commands():
+    out = run("--help").stdout
+    for command in ("demo", "run", "config", "db", "status", "sample-pacs", "model"):
+        assert command in out
+
+
+def test_config_masks_secrets(tmp_path):
+    r = run(
+        "config",
+        env={
+            "NIGHTREAD_DATA_DIR": str(tmp_path),
+            "NIGHTREAD_STORAGE__SECRET_KEY": "topsecret",
+            "NIGHTREAD_DATABASE__URL": "postgresql+psycopg://u:pw123@h/db",
+        },
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["storage"]["secret_key"] == "**********"
+    assert data["database"]["url"] == "postgresql+psycopg://u:***@h/db"
+    assert "topsecret" not in r.stdout
+    assert "pw123" not in r.stdout
+
+
+def test_invalid_setting_is_named(tmp_path):
+    r = run("config", env={"NIGHTREAD_PACS__RETRIEVE": "teleport"})
+    assert r.returncode == 2
+    assert "NIGHTREAD_PACS__RETRIEVE" in r.stderr
+
+
+def test_status_needs_a_migrated_database_then_reports_json(tmp_path):
+    env = {"NIGHTREAD_DATA_DIR": str(tmp_path)}
+    r = run("status", env=env)
+    assert r.returncode == 1
+    assert "nightread db upgrade" in r.stderr
+    r = run("db", "upgrade", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "at revision 0001" in r.stdout
+    assert run("db", "upgrade", env=env).returncode == 0  # up to date: a no-op
+    data = json.loads(run("status", "--json", env=env).stdout)
+    assert data["studies"] == {"total": 0}
+    assert data["last_run"] is None
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_twice(tmp_path, tiny_model):
+    env = {"NIGHTREAD_INFERENCE__MODEL": str(tiny_model), "HF_HUB_OFFLINE": "1"}
+    first = run("demo", "--data-dir", str(tmp_path / "d"), env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for label in ("studies found", "images rendered", "captions", "findings", "flags", "failures", "wall time"):
+        assert label in first.stdout
+    assert str(tmp_path / "d" / "objects") in first.stdout.replace("\n", "")
+    status = json.loads(run("status", "--json", env={**env, "NIGHTREAD_DATA_DIR": str(tmp_path / "d")}).stdout)
+    assert status["studies"]["done"] == 5
+    assert status["captions"] == status["images"] == 9
+    second = run("demo", "--data-dir", str(tmp_path / "d"), env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads(run("status", "--json", env={**env, "NIGHTREAD_DATA_DIR": str(tmp_path / "d")}).stdout)
+    assert {k: again[k] for k in ("images", "captions", "findings")} == {
+        k: status[k] for k in ("images", "captions", "findings")
+    }
+
+
+def test_model_tiny_builds_a_loadable_checkpoint(tmp_path):
+    r = run("model", "tiny", "--family", "smolvlm", "--out", str(tmp_path / "m"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m" / "config.json").is_file()
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+    bad = run("model", "tiny", "--family", "nope", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2
+    assert "unknown family" in bad.stderr
