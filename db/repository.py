@@ -65,12 +65,33 @@ def upsert_source(
     host: str | None = None,
     port: int | None = None,
     url: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    enabled: bool = True,
 ) -> PacsSource:
-    values = {"name": name, "kind": kind, "ae_title": ae_title, "host": host, "port": port, "url": url}
+    """Insert or update a source by name; its discovery cursor is kept."""
+    values = {
+        "name": name,
+        "kind": kind,
+        "ae_title": ae_title,
+        "host": host,
+        "port": port,
+        "url": url,
+        "config": dict(config) if config is not None else None,
+        "enabled": enabled,
+    }
     stmt = _insert(session, PacsSource).values(**values, updated_at=utcnow())
     stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={k: v for k, v in values.items() if k != "name"})
     session.exec(stmt)
-    return session.exec(select(PacsSource).where(PacsSource.name == name)).one()
+    return session.exec(
+        select(PacsSource).where(PacsSource.name == name).execution_options(populate_existing=True)
+    ).one()
+
+
+def list_sources(*, session: Session, enabled_only: bool = False) -> list[PacsSource]:
+    stmt = select(PacsSource)
+    if enabled_only:
+        stmt = stmt.where(col(PacsSource.enabled).is_(True))
+    return list(session.exec(stmt.order_by(col(PacsSource.name))))
 
 
 def move_cursor(*, session: Session, source_id: int, date: str, time: str) -> None:

@@ -48,11 +48,13 @@ def retrieve_study(rt: Runtime, study_id: int, dest: Path) -> RetrievedStudy:
     with session_scope(rt.engine) as session:
         study = session.get(Study, study_id)
         assert study is not None
-        uid, expected = study.study_instance_uid, study.expected_instances
+        uid, expected, source_id = study.study_instance_uid, study.expected_instances, study.source_id
+    if source_id is None:
+        raise PermanentError(f"study {study_id} has no source to retrieve it from")
     # a retry starts from an empty folder so counts are honest
     shutil.rmtree(dest, ignore_errors=True)
     try:
-        retrieved = rt.source.retrieve_study(uid, dest=dest, expected=expected)
+        retrieved = rt.source(source_id).retrieve_study(uid, dest=dest, expected=expected)
     except RetrievalIncomplete as exc:
         with session_scope(rt.engine) as session:
             repo.update_study(session=session, study_id=study_id, received_instances=exc.received)
@@ -296,6 +298,7 @@ def annotate_study(study_id: int, settings: NightreadSettings | None = None) -> 
     """Re-run one study (by database id) end to end; writes nothing twice."""
     settings = settings or NightreadSettings()
     with Runtime.build(settings) as rt:
+        rt.register_sources()
         with session_scope(rt.engine) as session:
             if session.get(Study, study_id) is None:
                 raise ValueError(f"no study with id {study_id}")

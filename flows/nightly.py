@@ -1,4 +1,4 @@
-"""@flow nightly: discover new studies in the PACS, then process each (bounded concurrency)."""
+"""@flow nightly: discover new studies in every enabled PACS source, then process each (bounded concurrency)."""
 
 from __future__ import annotations
 
@@ -28,17 +28,14 @@ def _since(source: PacsSource, lookback_days: int) -> dt.datetime:
 
 
 @task(name="discover-studies", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
-def discover_studies(rt: Runtime) -> dict[str, Any]:
-    """C-FIND from the source's cursor; register new studies and move the cursor in one transaction."""
-    p = rt.settings.pacs
+def discover_studies(rt: Runtime, source_id: int) -> dict[str, int]:
+    """C-FIND/QIDO from the source's cursor; register new studies and move the cursor in one transaction."""
+    p = rt.source_settings(source_id)
     with session_scope(rt.engine) as session:
-        source = repo.upsert_source(
-            session=session, name=p.name, kind=p.kind, ae_title=p.called_ae, host=p.host, port=p.port
-        )
+        source = session.get(PacsSource, source_id)
+        assert source is not None
         since = _since(source, p.lookback_days)
-        source_id = source.id
-    assert source_id is not None
-    refs = rt.source.find_studies(since=since, modalities=p.modalities)
+    refs = rt.source(source_id).find_studies(since=since, modalities=p.modalities)
     with session_scope(rt.engine) as session:
         new = repo.register_studies(
             session=session,
@@ -58,7 +55,7 @@ def discover_studies(rt: Runtime) -> dict[str, Any]:
         if refs:
             date, time_ = max(r.sort_key for r in refs)
             repo.move_cursor(session=session, source_id=source_id, date=date, time=time_)
-    return {"found": len(refs), "new": new, "source_id": source_id}
+    return {"found": len(refs), "new": new}
 
 
 @flow(name="nightly", log_prints=False)
@@ -67,29 +64,31 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
     settings = settings or NightreadSettings()
     logger = get_run_logger()
     started = time.perf_counter()
-    ctx = get_run_context()
-    flow_run = getattr(ctx, "flow_run", None)
+    flow_run = getattr(get_run_context(), "flow_run", None)
     flow_run_id = str(flow_run.id) if flow_run is not None else None
     counts: Counter[str] = Counter()
     with Runtime.build(settings) as rt:
+        source_ids = rt.register_sources()
         with session_scope(rt.engine) as session:
             run_id = repo.start_run(
                 session=session,
                 kind="nightly",
                 flow_run_id=flow_run_id,
-                parameters={"source": settings.pacs.name, "modalities": settings.pacs.modalities},
+                parameters={"sources": [rt.source_settings(i).name for i in source_ids]},
             )
         status = "failed"
         try:
-            discovered = discover_studies.with_options(
+            discover = discover_studies.with_options(
                 retries=settings.flow.retries, retry_delay_seconds=settings.flow.retry_delay_s
-            )(rt)
-            counts["found"], counts["new"] = discovered["found"], discovered["new"]
+            )
+            for source_id in source_ids:
+                counts.update(discover(rt, source_id))
             with session_scope(rt.engine) as session:
                 pending = [
                     s.id
+                    for source_id in source_ids
                     for s in repo.pending_studies(
-                        session=session, max_attempts=settings.flow.max_attempts, source_id=discovered["source_id"]
+                        session=session, max_attempts=settings.flow.max_attempts, source_id=source_id
                     )
                 ]
             counts["pending"] = len(pending)
@@ -97,10 +96,10 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
             futures = [process_study.submit(rt, study_id, run_id) for study_id in pending if study_id is not None]
             for future in futures:
                 counts.update(future.result())
-            status = "completed" if not counts["studies_failed"] and not counts["failed"] else "completed_with_failures"
+            failed = counts["studies_failed"] or counts["failed"]
+            status = "completed_with_failures" if failed else "completed"
         finally:
-            counts["wall_s"] = round(time.perf_counter() - started, 2)  # type: ignore[assignment]
-            result: dict[str, Any] = dict(counts)
+            result: dict[str, Any] = {**counts, "wall_s": round(time.perf_counter() - started, 2)}
             if rt.model_note:
                 result["model_note"] = rt.model_note
             with session_scope(rt.engine) as session:

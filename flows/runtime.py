@@ -15,7 +15,8 @@ from sqlalchemy import Engine
 from db.session import make_engine
 from flows.questions import QuestionBank, load_bank
 from flows.selection import RuleSet, load_rules
-from flows.settings import NightreadSettings
+from flows.settings import NightreadSettings, PacsSettings
+from integrations.errors import ConfigurationError
 from integrations.pacs import DimseStudySource
 from integrations.ports import Annotator, ObjectStore, StudySource
 from integrations.storage import LocalObjectStore, S3ObjectStore
@@ -35,8 +36,13 @@ def build_store(settings: NightreadSettings) -> ObjectStore:
     return LocalObjectStore(settings.storage_root)
 
 
-def build_source(settings: NightreadSettings) -> StudySource:
-    p = settings.pacs
+def build_source(p: PacsSettings) -> StudySource:
+    """The adapter for one configured source."""
+    if p.kind == "dicomweb":
+        from integrations.dicomweb import DicomWebStudySource
+
+        assert p.url is not None
+        return DicomWebStudySource(name=p.name, url=p.url, timeout_s=p.timeout_s)
     return DimseStudySource(
         name=p.name,
         host=p.host,
@@ -71,15 +77,28 @@ def build_annotator(settings: NightreadSettings) -> tuple[Annotator, str]:
     return annotator, resolved.note
 
 
+def source_row(p: PacsSettings) -> dict[str, Any]:
+    """The `pacs_source` columns for a configured source (its settings carry no secrets)."""
+    return {
+        "name": p.name,
+        "kind": p.kind,
+        "ae_title": p.called_ae if p.kind == "dimse" else None,
+        "host": p.host if p.kind == "dimse" else None,
+        "port": p.port if p.kind == "dimse" else None,
+        "url": p.url,
+        "config": p.model_dump(mode="json"),
+    }
+
+
 @dataclass
 class Runtime:
     settings: NightreadSettings
     engine: Engine
     store: ObjectStore
-    source: StudySource
     bank: QuestionBank
     rules: RuleSet
     _annotator: tuple[Annotator, str] | None = None
+    _sources: dict[int, tuple[PacsSettings, StudySource]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -91,10 +110,43 @@ class Runtime:
                 settings.database_url, pool_size=db.pool_size, max_overflow=db.max_overflow, echo=db.echo
             ),
             store=build_store(settings),
-            source=build_source(settings),
             bank=load_bank(settings.questions_file),
             rules=load_rules(settings.rules_file),
         )
+
+    def register_sources(self) -> list[int]:
+        """Upsert the configured sources into `pacs_source`; return the ids of every enabled source
+        (configured ones and those added with `nightread sources add`)."""
+        from db import repository as repo
+        from db.session import session_scope
+
+        with session_scope(self.engine) as session:
+            for p in self.settings.configured_sources():
+                repo.upsert_source(session=session, **source_row(p))
+            rows = repo.list_sources(session=session, enabled_only=True)
+            ids = []
+            for row in rows:
+                if row.config is None or row.id is None:
+                    continue
+                pacs = PacsSettings.model_validate(row.config)
+                with self._lock:
+                    if row.id not in self._sources:
+                        self._sources[row.id] = (pacs, build_source(pacs))
+                ids.append(row.id)
+            return ids
+
+    def _source_entry(self, source_id: int) -> tuple[PacsSettings, StudySource]:
+        with self._lock:
+            entry = self._sources.get(source_id)
+        if entry is None:
+            raise ConfigurationError(f"PACS source {source_id} is not configured or not enabled")
+        return entry
+
+    def source(self, source_id: int) -> StudySource:
+        return self._source_entry(source_id)[1]
+
+    def source_settings(self, source_id: int) -> PacsSettings:
+        return self._source_entry(source_id)[0]
 
     def annotator(self) -> Annotator:
         """Loaded on first use (a run with nothing to annotate never loads a model)."""
@@ -108,10 +160,14 @@ class Runtime:
         return self._annotator[1] if self._annotator else ""
 
     def close(self) -> None:
-        close: Any = getattr(self.source, "close", None)
-        if close is not None:
-            with suppress(Exception):
-                close()
+        with self._lock:
+            sources = [s for _, s in self._sources.values()]
+            self._sources.clear()
+        for source in sources:
+            close: Any = getattr(source, "close", None)
+            if close is not None:
+                with suppress(Exception):  # best effort at shutdown; the run's outcome is already recorded
+                    close()
         self.engine.dispose()
 
     def __enter__(self) -> Runtime:

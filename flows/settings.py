@@ -38,8 +38,9 @@ class StorageSettings(BaseModel):
 
 
 class PacsSettings(BaseModel):
-    kind: Literal["dimse"] = Field(default="dimse", description="how the PACS is reached")
-    name: str = "sample-pacs"
+    kind: Literal["dimse", "dicomweb"] = Field(default="dimse", description="how the PACS is reached")
+    name: str = Field(default="sample-pacs", min_length=1, max_length=64)
+    url: str | None = Field(default=None, description="DICOMweb root, e.g. http://pacs:8042/dicom-web")
     host: str = "127.0.0.1"
     port: int = Field(default=11112, ge=0, le=65535)
     called_ae: str = "SAMPLEPACS"
@@ -49,6 +50,12 @@ class PacsSettings(BaseModel):
     timeout_s: float = Field(default=30.0, gt=0)
     modalities: list[str] = Field(default_factory=list, description="only studies with these modalities")
     lookback_days: int = Field(default=7, ge=0, description="first discovery looks back this far")
+
+    @model_validator(mode="after")
+    def _url_for_dicomweb(self) -> PacsSettings:
+        if self.kind == "dicomweb" and not self.url:
+            raise ValueError(f'source "{self.name}": kind dicomweb needs a url')
+        return self
 
     @field_validator("called_ae", "calling_ae")
     @classmethod
@@ -94,6 +101,9 @@ class NightreadSettings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     pacs: PacsSettings = Field(default_factory=PacsSettings)
+    sources: list[PacsSettings] = Field(
+        default_factory=list, description="several PACS at once (JSON list); when empty, `pacs` is the one source"
+    )
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     render: RenderSettings = Field(default_factory=RenderSettings)
     flow: FlowSettings = Field(default_factory=FlowSettings)
@@ -104,6 +114,17 @@ class NightreadSettings(BaseSettings):
     def _absolute_data_dir(self) -> NightreadSettings:
         self.data_dir = self.data_dir.expanduser().resolve()
         return self
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> NightreadSettings:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique: {', '.join(dupes)}")
+        return self
+
+    def configured_sources(self) -> list[PacsSettings]:
+        return list(self.sources) or [self.pacs]
 
     @property
     def database_url(self) -> str:

@@ -1,0 +1,155 @@
+"""DICOMweb access to a PACS with dicomweb-client: QIDO-RS discovery and WADO-RS retrieval.
+
+`DicomWebStudySource` implements the same `StudySource` port as the DIMSE source.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+
+from integrations.errors import PeerRefused, RetrievalIncomplete, TransientError
+from integrations.imaging import values_of
+from integrations.pacs import uid_hash
+from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
+
+log = logging.getLogger(__name__)
+
+STUDY_FIELDS = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyDescription",
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedInstances",
+)
+SERIES_FIELDS = (
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "NumberOfSeriesRelatedInstances",
+)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value)
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+class DicomWebStudySource:
+    """A PACS reached over DICOMweb (QIDO-RS, WADO-RS)."""
+
+    def __init__(self, *, name: str, url: str, timeout_s: float = 30.0, headers: dict[str, str] | None = None) -> None:
+        from dicomweb_client.api import DICOMwebClient
+
+        self.name = name
+        self.url = url.rstrip("/")
+        self.client = DICOMwebClient(url=self.url, headers=headers, timeout=timeout_s)
+
+    def __enter__(self) -> DicomWebStudySource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        session = getattr(self.client, "_session", None)
+        if session is not None:
+            session.close()
+
+    @contextmanager
+    def _errors(self, operation: str) -> Iterator[None]:
+        import requests
+
+        try:
+            yield
+        except requests.HTTPError as exc:
+            code = exc.response.status_code if exc.response is not None else 0
+            if code >= 500 or code in (408, 429):
+                raise TransientError(f"{operation} at {self.url}: HTTP {code}") from exc
+            raise PeerRefused(f"{operation} refused by {self.url}: HTTP {code}") from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise TransientError(f"{operation}: cannot reach {self.url} ({type(exc).__name__})") from exc
+
+    def echo(self) -> None:
+        with self._errors("QIDO-RS"):
+            self.client.search_for_studies(limit=1, fields=["StudyInstanceUID"])
+
+    def find_studies(self, *, since: dt.datetime | None, modalities: Sequence[str] = ()) -> list[StudyRef]:
+        filters: dict[str, Any] = {}
+        if since is not None:
+            filters["StudyDate"] = f"{since:%Y%m%d}-"
+        if len(modalities) == 1:
+            filters["ModalitiesInStudy"] = modalities[0]
+        with self._errors("QIDO-RS study search"):
+            answers = self.client.search_for_studies(
+                fields=list(STUDY_FIELDS), search_filters=filters, get_remaining=True
+            )
+        floor = (f"{since:%Y%m%d}", f"{since:%H%M%S}") if since else ("", "")
+        wanted = {m.upper() for m in modalities}
+        refs = []
+        for answer in answers:
+            ds = Dataset.from_json(answer)
+            ref = StudyRef(
+                study_instance_uid=_text(ds, "StudyInstanceUID"),
+                study_date=_text(ds, "StudyDate"),
+                study_time=_text(ds, "StudyTime"),
+                accession_number=_text(ds, "AccessionNumber"),
+                modalities=tuple(str(m) for m in values_of(ds.get("ModalitiesInStudy"))),
+                description=_text(ds, "StudyDescription"),
+                number_of_instances=_int(ds, "NumberOfStudyRelatedInstances"),
+            )
+            if not ref.study_instance_uid or ref.sort_key < floor:
+                continue
+            if wanted and not wanted & set(ref.modalities):
+                continue
+            refs.append(ref)
+        return sorted(refs, key=lambda r: r.sort_key)
+
+    def find_series(self, study_instance_uid: str) -> list[SeriesRef]:
+        with self._errors("QIDO-RS series search"):
+            answers = self.client.search_for_series(study_instance_uid=study_instance_uid, fields=list(SERIES_FIELDS))
+        out = []
+        for answer in answers:
+            ds = Dataset.from_json(answer)
+            out.append(
+                SeriesRef(
+                    series_instance_uid=_text(ds, "SeriesInstanceUID"),
+                    modality=_text(ds, "Modality"),
+                    series_number=_int(ds, "SeriesNumber"),
+                    description=_text(ds, "SeriesDescription"),
+                    body_part=_text(ds, "BodyPartExamined"),
+                    number_of_instances=_int(ds, "NumberOfSeriesRelatedInstances"),
+                )
+            )
+        return out
+
+    def retrieve_study(self, study_instance_uid: str, *, dest: Path, expected: int | None = None) -> RetrievedStudy:
+        dest.mkdir(parents=True, exist_ok=True)
+        with self._errors("WADO-RS study retrieval"):
+            for ds in self.client.iter_study(study_instance_uid):
+                sop = _text(ds, "SOPInstanceUID")
+                if not sop:
+                    continue
+                ds.save_as(dest / f"{uid_hash(sop)}.dcm", enforce_file_format=True)
+        files = tuple(sorted(dest.glob("*.dcm")))
+        if expected is not None and len(files) < expected:
+            raise RetrievalIncomplete(expected=expected, received=len(files))
+        return RetrievedStudy(study_instance_uid, dest, files, expected)

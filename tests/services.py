@@ -1,0 +1,278 @@
+"""Real servers as local processes for the integration tests: Postgres, Orthanc, an S3 server (moto).
+
+Each listens on 127.0.0.1 on a free port, is waited for by polling its readiness (never by
+sleeping a fixed time), and is stopped by the fixture that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PG_BIN_CANDIDATES = [Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15, 14)]
+ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    check: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready\n{tail}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(delay)  # polling interval, not a fixed wait for readiness
+        delay = min(delay * 1.5, 0.25)
+    tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+    raise TimeoutError(f"{what} not ready after {timeout:.0f} s\n{tail}")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- Postgres ------------------------------------------------------------------------------------------
+
+
+def pg_bin() -> Path | None:
+    return next((p for p in PG_BIN_CANDIDATES if (p / "initdb").exists()), None)
+
+
+@dataclass
+class Postgres:
+    folder: Path
+    port: int
+    bin: Path
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _as_postgres(self, *args: str) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else list(args)
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+        subprocess.run(
+            self._as_postgres(
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.folder / "data"),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ),
+            check=True,
+            capture_output=True,
+        )
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off"
+        )
+        subprocess.run(
+            self._as_postgres(
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.folder / "data"),
+                "-l",
+                str(self.folder / "postgres.log"),
+                "-o",
+                opts,
+                "start",
+            ),
+            check=True,
+            capture_output=True,
+        )
+        wait_until(self.ready, timeout=60, what="postgres", log=self.folder / "postgres.log")
+
+    def ready(self) -> bool:
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", connect_timeout=2):
+            return True
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        subprocess.run(
+            self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop"),
+            check=False,
+            capture_output=True,
+        )
+
+
+# --- Orthanc -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Orthanc:
+    folder: Path
+    http_port: int
+    dicom_port: int
+    nightread_ae: str
+    nightread_port: int
+    aet: str = "ORTHANC"
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def config(self) -> dict[str, object]:
+        """deploy/orthanc/orthanc.json (what compose uses) with this instance's folders and ports."""
+        cfg: dict[str, object] = json.loads((REPO / "deploy" / "orthanc" / "orthanc.json").read_text())
+        cfg.update(
+            {
+                "StorageDirectory": str(self.folder / "storage"),
+                "IndexDirectory": str(self.folder / "index"),
+                "TemporaryDirectory": str(self.folder / "tmp"),
+                "HttpPort": self.http_port,
+                "DicomPort": self.dicom_port,
+                "DicomAet": self.aet,
+                "DicomModalities": {
+                    "nightread": {
+                        "AET": self.nightread_ae,
+                        "Host": "127.0.0.1",
+                        "Port": self.nightread_port,
+                        "AllowEcho": True,
+                        "AllowFind": True,
+                        "AllowGet": True,
+                        "AllowMove": True,
+                        "AllowStore": True,
+                    },
+                    "getscu": {
+                        "AET": "GETSCU",
+                        "Host": "127.0.0.1",
+                        "Port": free_port(),
+                        "AllowEcho": True,
+                        "AllowFind": True,
+                        "AllowGet": True,
+                        "AllowMove": True,
+                        "AllowStore": True,
+                    },
+                },
+            }
+        )
+        return cfg
+
+    def start(self) -> None:
+        assert ORTHANC is not None
+        for sub in ("storage", "index", "tmp"):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        cfg_path = self.folder / "orthanc.json"
+        cfg_path.write_text(json.dumps(self.config(), indent=1))
+        log = self.folder / "orthanc.log"
+        env = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK inside Orthanc leaves Nagle on otherwise
+        with log.open("wb") as fh:
+            self.proc = subprocess.Popen([ORTHANC, str(cfg_path)], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        wait_until(self.ready, timeout=60, what="orthanc", proc=self.proc, log=log)
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"{self.url}/system", timeout=2) as r:
+            return bool(r.status == 200)
+
+    def upload(self, data: bytes) -> None:
+        req = urllib.request.Request(
+            f"{self.url}/instances", data=data, method="POST", headers={"Content-Type": "application/dicom"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+
+    def get_json(self, path: str) -> object:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as r:
+            return json.loads(r.read())
+
+    def delete_all(self) -> None:
+        for pid in self.get_json("/patients"):  # type: ignore[union-attr]
+            req = urllib.request.Request(f"{self.url}/patients/{pid}", method="DELETE")
+            urllib.request.urlopen(req, timeout=30).close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)  # Orthanc needs ~1 s to exit; wait for it before reusing the folder
+
+
+# --- S3 (moto server mode) -----------------------------------------------------------------------------
+
+
+@dataclass
+class S3Server:
+    folder: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = self.folder / "moto.log"
+        exe = Path(sys.executable).parent / "moto_server"
+        with log.open("wb") as fh:
+            self.proc = subprocess.Popen(
+                [str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=fh, stderr=subprocess.STDOUT
+            )
+        wait_until(self.ready, timeout=60, what="moto S3 server", proc=self.proc, log=log)
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"http://{self.endpoint}/", timeout=2) as r:
+            return bool(r.status == 200)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+def moto_available() -> bool:
+    return (Path(sys.executable).parent / "moto_server").exists()
