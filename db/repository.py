@@ -43,9 +43,14 @@ def _insert_ignore(
     """INSERT rows, skipping those whose unique `keys` exist; returns how many were inserted."""
     if not rows:
         return 0
-    stmt = _insert(session, model).values(list(rows)).on_conflict_do_nothing(index_elements=list(keys))
-    result = session.exec(stmt)  # type: ignore[call-overload]
-    return int(result.rowcount or 0)
+    table = model.__table__  # type: ignore[attr-defined]
+    stmt = (
+        _insert(session, model)
+        .values(list(rows))
+        .on_conflict_do_nothing(index_elements=list(keys))
+        .returning(table.c.id)  # rowcount is not reliable for multi-row inserts on every driver
+    )
+    return len(session.exec(stmt).all())
 
 
 def pseudonym(value: str, *, namespace: str) -> str:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -53,14 +54,28 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+def _identity(answer: dict[str, Any]) -> str:
+    """Study and series UID of a QIDO-RS answer, as one comparable string."""
+    return json.dumps([answer.get("0020000D"), answer.get("0020000E")], sort_keys=True)
+
+
 class DicomWebStudySource:
     """A PACS reached over DICOMweb (QIDO-RS, WADO-RS)."""
 
-    def __init__(self, *, name: str, url: str, timeout_s: float = 30.0, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        url: str,
+        timeout_s: float = 30.0,
+        headers: dict[str, str] | None = None,
+        page_size: int = 500,
+    ) -> None:
         from dicomweb_client.api import DICOMwebClient
 
         self.name = name
         self.url = url.rstrip("/")
+        self.page_size = page_size
         self.client = DICOMwebClient(url=self.url, headers=headers, timeout=timeout_s)
 
     def __enter__(self) -> DicomWebStudySource:
@@ -88,6 +103,24 @@ class DicomWebStudySource:
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise TransientError(f"{operation}: cannot reach {self.url} ({type(exc).__name__})") from exc
 
+    def _paged(self, operation: str, search: Any) -> list[dict[str, Any]]:
+        """All results of a QIDO-RS search, page by page with an explicit limit and offset.
+
+        dicomweb-client's own `get_remaining` sends only an offset, which some servers (Orthanc 1.10 with
+        a ModalitiesInStudy filter) ignore, so it never ends; a page that repeats what we have also ends."""
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        offset = 0
+        while True:
+            with self._errors(operation):
+                page = search(self.page_size, offset)
+            fresh = [a for a in page if _identity(a) not in seen]
+            seen.update(_identity(a) for a in fresh)
+            out.extend(fresh)
+            if len(page) < self.page_size or not fresh:
+                return out
+            offset += len(page)
+
     def echo(self) -> None:
         with self._errors("QIDO-RS"):
             self.client.search_for_studies(limit=1, fields=["StudyInstanceUID"])
@@ -98,10 +131,12 @@ class DicomWebStudySource:
             filters["StudyDate"] = f"{since:%Y%m%d}-"
         if len(modalities) == 1:
             filters["ModalitiesInStudy"] = modalities[0]
-        with self._errors("QIDO-RS study search"):
-            answers = self.client.search_for_studies(
-                fields=list(STUDY_FIELDS), search_filters=filters, get_remaining=True
-            )
+        answers = self._paged(
+            "QIDO-RS study search",
+            lambda limit, offset: self.client.search_for_studies(
+                fields=list(STUDY_FIELDS), search_filters=filters, limit=limit, offset=offset
+            ),
+        )
         floor = (f"{since:%Y%m%d}", f"{since:%H%M%S}") if since else ("", "")
         wanted = {m.upper() for m in modalities}
         refs = []
@@ -124,8 +159,12 @@ class DicomWebStudySource:
         return sorted(refs, key=lambda r: r.sort_key)
 
     def find_series(self, study_instance_uid: str) -> list[SeriesRef]:
-        with self._errors("QIDO-RS series search"):
-            answers = self.client.search_for_series(study_instance_uid=study_instance_uid, fields=list(SERIES_FIELDS))
+        answers = self._paged(
+            "QIDO-RS series search",
+            lambda limit, offset: self.client.search_for_series(
+                study_instance_uid=study_instance_uid, fields=list(SERIES_FIELDS), limit=limit, offset=offset
+            ),
+        )
         out = []
         for answer in answers:
             ds = Dataset.from_json(answer)

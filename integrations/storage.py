@@ -10,12 +10,13 @@ import io
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from integrations.errors import ConfigurationError, PermanentError, TransientError
 
+T = TypeVar("T")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,511}$")
 
 
@@ -112,15 +113,16 @@ class S3ObjectStore:
         if not self.client.bucket_exists(self.bucket):
             self.client.make_bucket(self.bucket)
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, fn: Callable[[], T], key: str = "") -> T:
+        """Run one SDK call, mapping its errors onto ours (`key` names the object in messages)."""
         from minio.error import S3Error
         from urllib3.exceptions import HTTPError
 
         try:
-            return fn(*args, **kwargs)
+            return fn()
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
-                raise ObjectNotFound(str(kwargs.get("key") or (args[0] if args else ""))) from None
+                raise ObjectNotFound(key) from None
             if exc.code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
                 raise TransientError(f"object store busy: {exc.code}") from exc
             raise PermanentError(f"object store refused the request: {exc.code}") from exc
@@ -144,7 +146,7 @@ class S3ObjectStore:
                 response.close()
                 response.release_conn()
 
-        return bytes(self._call(fetch, key=key))
+        return self._call(fetch, key=key)
 
     def exists(self, key: str) -> bool:
         check_key(key)

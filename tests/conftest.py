@@ -65,3 +65,89 @@ def make_settings(tmp_path: Path, tiny_model: Path):  # type: ignore[no-untyped-
         return NightreadSettings(**base)  # type: ignore[arg-type]
 
     return make
+
+
+# --- real servers (integration) -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    import shutil
+    import tempfile
+
+    from tests.services import Postgres, free_port, pg_bin
+
+    binaries = pg_bin()
+    if binaries is None:
+        require_or_skip("PostgreSQL server binaries (apt-get install postgresql)")
+    assert binaries is not None
+    folder = Path(tempfile.mkdtemp(prefix="nightread-pg-"))  # not under pytest's 0700 tmp: postgres must enter
+    folder.chmod(0o755)
+    pg = Postgres(folder=folder, port=free_port(), bin=binaries)
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres, request) -> str:  # type: ignore[no-untyped-def]
+    """A fresh, empty database for one test."""
+    import re
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    return str(postgres.create_database(name))
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """Orthanc (Debian's package) with our config and the DICOMweb plugin, seeded with synthetic studies."""
+    import io
+
+    from pydicom import dcmwrite
+
+    from integrations.sample_pacs import generate_studies
+    from tests.services import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
+
+    if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
+        require_or_skip("Orthanc with the DICOMweb plugin (apt-get install orthanc orthanc-dicomweb)")
+    server = Orthanc(folder=tmp_path_factory.mktemp("orthanc"), http_port=free_port(), dicom_port=free_port(),
+                     nightread_ae="NIGHTREAD", nightread_port=free_port())
+    server.start()
+    try:
+        studies = generate_studies(seed=11, include_corrupt=True, xr_size=512, ct_size=256)
+        for study in studies:
+            for ds in study.instances:
+                buf = io.BytesIO()
+                dcmwrite(buf, ds, enforce_file_format=True)
+                server.upload(buf.getvalue())
+        server.studies = studies  # type: ignore[attr-defined]
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from tests.services import S3Server, free_port, moto_available
+
+    if not moto_available():
+        require_or_skip("moto server (pip install 'moto[s3]' flask flask-cors)")
+    server = S3Server(folder=tmp_path_factory.mktemp("s3"), port=free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_settings(s3_server, request) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """Storage settings for a fresh bucket on the S3 server."""
+    import re
+
+    bucket = "t-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    return {"backend": "s3", "endpoint": s3_server.endpoint, "bucket": bucket, "access_key": "testing",
+            "secret_key": "testing", "secure": False, "region": "us-east-1"}

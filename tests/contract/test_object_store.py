@@ -5,14 +5,18 @@ from __future__ import annotations
 import pytest
 
 from integrations.fakes import InMemoryObjectStore
-from integrations.storage import LocalObjectStore, ObjectNotFound
+from integrations.storage import LocalObjectStore, ObjectNotFound, S3ObjectStore
 
 
-@pytest.fixture(params=["memory", "local"])
+@pytest.fixture(params=["memory", "local", pytest.param("s3", marks=pytest.mark.integration)])
 def store(request, tmp_path):
     if request.param == "memory":
         return InMemoryObjectStore()
-    return LocalObjectStore(tmp_path / "objects")
+    if request.param == "local":
+        return LocalObjectStore(tmp_path / "objects")
+    cfg = request.getfixturevalue("s3_settings")
+    return S3ObjectStore(endpoint=cfg["endpoint"], bucket=cfg["bucket"], access_key=cfg["access_key"],
+                         secret_key=cfg["secret_key"], secure=False, region=cfg["region"])
 
 
 def test_put_get_roundtrip(store):
@@ -52,3 +56,9 @@ def test_delete_is_idempotent(store):
 def test_bad_keys_are_refused(store, key):
     with pytest.raises(ValueError, match="invalid object key"):
         store.put(key, b"x")
+
+
+def test_large_object_roundtrip(store):
+    data = bytes(range(256)) * 40_000  # 10 MB
+    store.put("big/object.bin", data)
+    assert store.get("big/object.bin") == data

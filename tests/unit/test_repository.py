@@ -11,9 +11,10 @@ from db.models import Caption, Failure, Finding, Image, ModelVersion, PacsSource
 from db.session import make_engine, session_scope
 
 
-@pytest.fixture
-def engine(tmp_path):
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def engine(request, tmp_path):
+    """The same repository tests on SQLite and on a real Postgres."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     upgrade(url)
     eng = make_engine(url)
     yield eng
@@ -24,8 +25,9 @@ def count(session, model) -> int:
     return session.exec(select(func.count()).select_from(model)).one()
 
 
-def test_migrations_reach_head_and_rerun_cleanly(tmp_path):
-    url = f"sqlite:///{tmp_path / 'x.sqlite'}"
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def test_migrations_reach_head_and_rerun_cleanly(tmp_path, backend, request):
+    url = f"sqlite:///{tmp_path / 'x.sqlite'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     upgrade(url)
     upgrade(url)  # already at head: a no-op
     eng = make_engine(url)

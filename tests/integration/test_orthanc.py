@@ -1,0 +1,96 @@
+"""nightread's PACS adapters against Orthanc, a real PACS nobody here wrote: DIMSE and DICOMweb."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from pydicom import dcmread
+
+from integrations.dicomweb import DicomWebStudySource
+from integrations.errors import PeerRefused, RetrievalIncomplete
+from integrations.pacs import DimseStudySource
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+SINCE = dt.datetime.combine(dt.date.today() - dt.timedelta(days=7), dt.time())
+
+
+def dimse(orthanc, **kw) -> DimseStudySource:
+    kw.setdefault("calling_ae", orthanc.nightread_ae)
+    return DimseStudySource(name="orthanc", host="127.0.0.1", port=orthanc.dicom_port, called_ae=orthanc.aet,
+                            timeout_s=15, **kw)
+
+
+def dicomweb(orthanc) -> DicomWebStudySource:
+    return DicomWebStudySource(name="orthanc-web", url=f"{orthanc.url}/dicom-web")
+
+
+@pytest.fixture(params=["dimse", "dicomweb"])
+def any_source(request, orthanc):
+    with (dimse(orthanc) if request.param == "dimse" else dicomweb(orthanc)) as src:
+        yield src
+
+
+def test_echo(any_source):
+    any_source.echo()
+
+
+def test_find_studies_date_range_and_modalities(any_source, orthanc):
+    refs = any_source.find_studies(since=SINCE)
+    assert len(refs) == 5
+    assert {m for r in refs for m in r.modalities} == {"CR", "DX", "CT", "MR"}
+    ct = next(r for r in refs if r.modalities == ("CT",))
+    assert ct.number_of_instances == 33
+    latest = refs[-1]
+    since = dt.datetime.strptime(latest.study_date, "%Y%m%d")
+    assert {r.study_instance_uid for r in any_source.find_studies(since=since)} >= {latest.study_instance_uid}
+    assert all(r.study_date >= latest.study_date for r in any_source.find_studies(since=since))
+    assert {r.modalities for r in any_source.find_studies(since=SINCE, modalities=["DX"])} == {("DX",)}
+    assert len(any_source.find_studies(since=SINCE, modalities=["CT", "MR"])) == 2
+
+
+def test_find_series(any_source):
+    ct = next(r for r in any_source.find_studies(since=SINCE) if r.modalities == ("CT",))
+    series = any_source.find_series(ct.study_instance_uid)
+    assert sorted(s.number_of_instances or 0 for s in series) == [1, 32]
+    assert {s.modality for s in series} == {"CT"}
+
+
+@pytest.mark.parametrize("route", ["get", "move", "dicomweb"])
+def test_retrieve_a_ct_study(orthanc, tmp_path, route):
+    if route == "dicomweb":
+        src = dicomweb(orthanc)
+    else:
+        src = dimse(orthanc, retrieve=route, move_port=orthanc.nightread_port)
+    with src:
+        ct = next(r for r in src.find_studies(since=SINCE) if r.modalities == ("CT",))
+        got = src.retrieve_study(ct.study_instance_uid, dest=tmp_path / route, expected=ct.number_of_instances)
+    assert len(got.files) == 33
+    ds = dcmread(got.files[0])
+    assert ds.StudyInstanceUID == ct.study_instance_uid
+    assert ds.pixel_array.shape == (256, 256) or ds.ImageType[2] == "LOCALIZER"
+
+
+def test_incomplete_retrieval_detected(orthanc, tmp_path):
+    with dimse(orthanc) as src:
+        ref = src.find_studies(since=SINCE)[0]
+        with pytest.raises(RetrievalIncomplete):
+            src.retrieve_study(ref.study_instance_uid, dest=tmp_path, expected=(ref.number_of_instances or 0) + 1)
+
+
+def test_undeclared_ae_title_gets_a_clear_error(orthanc):
+    with (
+        dimse(orthanc, calling_ae="STRANGER") as src,
+        pytest.raises(PeerRefused, match="not declared among their DICOM modalities"),
+    ):
+        src.find_studies(since=SINCE)
+
+
+def test_move_to_undeclared_destination_is_refused(orthanc, tmp_path):
+    # Orthanc knows NIGHTREAD but not NIGHTREAD2 as a C-MOVE destination
+    with dimse(orthanc, retrieve="move", calling_ae="NIGHTREAD2") as src:
+        src.calling_ae = orthanc.nightread_ae  # query as the declared AE ...
+        ref = src.find_studies(since=SINCE)[0]
+        src.calling_ae = "NIGHTREAD2"  # ... then ask it to move to an unknown one
+        with pytest.raises(PeerRefused):
+            src.retrieve_study(ref.study_instance_uid, dest=tmp_path)
