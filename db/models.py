@@ -133,7 +133,7 @@ class Run(SQLModel, table=True):
     kind: str = Field(max_length=32)
     parameters: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     counts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    status: str = Field(default="running", max_length=16)
+    status: str = Field(default="running", max_length=32)
     started_at: dt.datetime = Field(default_factory=utcnow)
     finished_at: dt.datetime | None = None
 

@@ -113,8 +113,13 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
     if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
         require_or_skip("Orthanc with the DICOMweb plugin (apt-get install orthanc orthanc-dicomweb)")
-    server = Orthanc(folder=tmp_path_factory.mktemp("orthanc"), http_port=free_port(), dicom_port=free_port(),
-                     nightread_ae="NIGHTREAD", nightread_port=free_port())
+    server = Orthanc(
+        folder=tmp_path_factory.mktemp("orthanc"),
+        http_port=free_port(),
+        dicom_port=free_port(),
+        nightread_ae="NIGHTREAD",
+        nightread_port=free_port(),
+    )
     server.start()
     try:
         studies = generate_studies(seed=11, include_corrupt=True, xr_size=512, ct_size=256)
@@ -149,5 +154,12 @@ def s3_settings(s3_server, request) -> dict[str, object]:  # type: ignore[no-unt
     import re
 
     bucket = "t-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
-    return {"backend": "s3", "endpoint": s3_server.endpoint, "bucket": bucket, "access_key": "testing",
-            "secret_key": "testing", "secure": False, "region": "us-east-1"}
+    return {
+        "backend": "s3",
+        "endpoint": s3_server.endpoint,
+        "bucket": bucket,
+        "access_key": "testing",
+        "secret_key": "testing",
+        "secure": False,
+        "region": "us-east-1",
+    }

@@ -15,8 +15,14 @@ def store(request, tmp_path):
     if request.param == "local":
         return LocalObjectStore(tmp_path / "objects")
     cfg = request.getfixturevalue("s3_settings")
-    return S3ObjectStore(endpoint=cfg["endpoint"], bucket=cfg["bucket"], access_key=cfg["access_key"],
-                         secret_key=cfg["secret_key"], secure=False, region=cfg["region"])
+    return S3ObjectStore(
+        endpoint=cfg["endpoint"],
+        bucket=cfg["bucket"],
+        access_key=cfg["access_key"],
+        secret_key=cfg["secret_key"],
+        secure=False,
+        region=cfg["region"],
+    )
 
 
 def test_put_get_roundtrip(store):

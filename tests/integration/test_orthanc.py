@@ -17,8 +17,9 @@ SINCE = dt.datetime.combine(dt.date.today() - dt.timedelta(days=7), dt.time())
 
 def dimse(orthanc, **kw) -> DimseStudySource:
     kw.setdefault("calling_ae", orthanc.nightread_ae)
-    return DimseStudySource(name="orthanc", host="127.0.0.1", port=orthanc.dicom_port, called_ae=orthanc.aet,
-                            timeout_s=15, **kw)
+    return DimseStudySource(
+        name="orthanc", host="127.0.0.1", port=orthanc.dicom_port, called_ae=orthanc.aet, timeout_s=15, **kw
+    )
 
 
 def dicomweb(orthanc) -> DicomWebStudySource:
@@ -27,7 +28,7 @@ def dicomweb(orthanc) -> DicomWebStudySource:
 
 @pytest.fixture(params=["dimse", "dicomweb"])
 def any_source(request, orthanc):
-    with (dimse(orthanc) if request.param == "dimse" else dicomweb(orthanc)) as src:
+    with dimse(orthanc) if request.param == "dimse" else dicomweb(orthanc) as src:
         yield src
 
 

@@ -14,7 +14,9 @@ from db.session import make_engine, session_scope
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
 def engine(request, tmp_path):
     """The same repository tests on SQLite and on a real Postgres."""
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    url = (
+        f"sqlite:///{tmp_path / 'db.sqlite'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    )
     upgrade(url)
     eng = make_engine(url)
     yield eng
@@ -177,3 +179,29 @@ def test_status_counts_and_runs(engine):
     assert data["studies"] == {"total": 1, "new": 1}
     assert data["last_run"]["status"] == "completed"
     assert data["last_run"]["counts"] == {"new": 1}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def test_models_match_the_migrations(tmp_path, backend, request):
+    """Alembic's autogenerate finds nothing to add: the tables and the migrations agree."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlmodel import SQLModel
+
+    url = f"sqlite:///{tmp_path / 'x.sqlite'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    upgrade(url)
+    eng = make_engine(url)
+    with eng.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), SQLModel.metadata)
+    eng.dispose()
+    assert diff == []
+
+
+def test_every_status_value_fits_its_column(engine):
+    with session_scope(engine) as s:
+        run_id = repo.start_run(session=s, kind="nightly", parameters={}, flow_run_id=None)
+        repo.finish_run(session=s, run_id=run_id, status="completed_with_failures", counts={})
+        _, _, study = _seed(s)
+        for status in ("new", "incomplete", "done", "failed"):
+            repo.update_study(session=s, study_id=study.id, status=status)
+            s.flush()
