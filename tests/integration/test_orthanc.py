@@ -59,10 +59,7 @@ def test_find_series(any_source):
 
 @pytest.mark.parametrize("route", ["get", "move", "dicomweb"])
 def test_retrieve_a_ct_study(orthanc, tmp_path, route):
-    if route == "dicomweb":
-        src = dicomweb(orthanc)
-    else:
-        src = dimse(orthanc, retrieve=route, move_port=orthanc.nightread_port)
+    src = dicomweb(orthanc) if route == "dicomweb" else dimse(orthanc, retrieve=route, move_port=orthanc.nightread_port)
     with src:
         ct = next(r for r in src.find_studies(since=SINCE) if r.modalities == ("CT",))
         got = src.retrieve_study(ct.study_instance_uid, dest=tmp_path / route, expected=ct.number_of_instances)
