@@ -71,10 +71,11 @@ def upsert_source(
     port: int | None = None,
     url: str | None = None,
     config: Mapping[str, Any] | None = None,
-    enabled: bool = True,
+    enabled: bool | None = None,
 ) -> PacsSource:
-    """Insert or update a source by name; its discovery cursor is kept."""
-    values = {
+    """Insert or update a source by name. Its discovery cursor is kept, and so is whether it is
+    enabled unless `enabled` is given (a new source is enabled)."""
+    values: dict[str, Any] = {
         "name": name,
         "kind": kind,
         "ae_title": ae_title,
@@ -82,10 +83,14 @@ def upsert_source(
         "port": port,
         "url": url,
         "config": dict(config) if config is not None else None,
-        "enabled": enabled,
     }
-    stmt = _insert(session, PacsSource).values(**values, updated_at=utcnow())
-    stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={k: v for k, v in values.items() if k != "name"})
+    update = {k: v for k, v in values.items() if k != "name"} | {"updated_at": utcnow()}
+    if enabled is not None:
+        update["enabled"] = enabled
+    stmt = _insert(session, PacsSource).values(
+        **values, enabled=True if enabled is None else enabled, updated_at=utcnow()
+    )
+    stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=update)
     session.exec(stmt)
     return session.exec(
         select(PacsSource).where(PacsSource.name == name).execution_options(populate_existing=True)

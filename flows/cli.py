@@ -23,11 +23,14 @@ app = typer.Typer(
     help="nightread: pre-read radiology studies overnight with a vision-language model.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,
 )
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 model_app = typer.Typer(help="Models.", no_args_is_help=True)
+sources_app = typer.Typer(help="PACS sources (configured in settings or added here).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
+app.add_typer(sources_app, name="sources")
 console = Console()
 err = Console(stderr=True)
 
@@ -300,6 +303,139 @@ def sample_pacs(
         pass
     finally:
         pacs.stop()
+
+
+def _engine_at_head(settings: NightreadSettings) -> Any:
+    from db.migrate import upgrade
+    from db.session import make_engine
+
+    upgrade(settings.database_url)
+    return make_engine(settings.database_url)
+
+
+@sources_app.command("list")
+def sources_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON array")] = False) -> None:
+    """Every source: from settings (NIGHTREAD_SOURCES / NIGHTREAD_PACS__*) and added with `sources add`."""
+    from db import repository as repo
+    from db.session import session_scope
+    from flows.runtime import source_row
+
+    settings = _settings()
+    engine = _engine_at_head(settings)
+    try:
+        with session_scope(engine) as session:
+            for p in settings.configured_sources():
+                repo.upsert_source(session=session, **source_row(p))
+            rows = [
+                {
+                    "name": r.name,
+                    "kind": r.kind,
+                    "address": r.url or f"{r.ae_title}@{r.host}:{r.port}",
+                    "retrieve": (r.config or {}).get("retrieve") if r.kind == "dimse" else "wado-rs",
+                    "enabled": r.enabled,
+                    "cursor": f"{r.cursor_date or ''} {r.cursor_time or ''}".strip() or None,
+                }
+                for r in repo.list_sources(session=session)
+            ]
+    finally:
+        engine.dispose()
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    table = Table(title="PACS sources")
+    for column in ("name", "kind", "address", "retrieve", "enabled", "cursor"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            *(
+                str(row[c]) if row[c] is not None else "-"
+                for c in ("name", "kind", "address", "retrieve", "enabled", "cursor")
+            )
+        )
+    console.print(table)
+
+
+@sources_app.command("add")
+def sources_add(
+    name: Annotated[str, typer.Argument(help="a unique name")],
+    kind: Annotated[str, typer.Option(help="dimse or dicomweb")] = "dimse",
+    host: Annotated[str, typer.Option(help="DIMSE: PACS host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="DIMSE: PACS port")] = 104,
+    called_ae: Annotated[str, typer.Option(help="DIMSE: the PACS's AE title")] = "PACS",
+    calling_ae: Annotated[str, typer.Option(help="DIMSE: our AE title")] = "NIGHTREAD",
+    retrieve: Annotated[str, typer.Option(help="DIMSE: get or move")] = "get",
+    move_port: Annotated[int, typer.Option(help="DIMSE: our storage SCP port for C-MOVE")] = 0,
+    url: Annotated[str | None, typer.Option(help="DICOMweb: root URL")] = None,
+    modalities: Annotated[str, typer.Option(help="comma-separated, e.g. CR,DX (default: all)")] = "",
+    lookback_days: Annotated[int, typer.Option(help="how far the first discovery looks back")] = 7,
+) -> None:
+    """Add (or update) a source in the database; the next run discovers studies in it too."""
+    from pydantic import ValidationError
+
+    from db import repository as repo
+    from db.session import session_scope
+    from flows.runtime import source_row
+    from flows.settings import PacsSettings
+
+    try:
+        pacs = PacsSettings(
+            name=name,
+            kind=kind,
+            host=host,
+            port=port,
+            called_ae=called_ae,
+            calling_ae=calling_ae,  # type: ignore[arg-type]
+            retrieve=retrieve,
+            move_port=move_port,
+            url=url,
+            lookback_days=lookback_days,  # type: ignore[arg-type]
+            modalities=[m.strip().upper() for m in modalities.split(",") if m.strip()],
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise _fail(
+            f"invalid source: {'.'.join(str(p) for p in first['loc']) or 'source'}: {first['msg']}", 2
+        ) from None
+    settings = _settings()
+    engine = _engine_at_head(settings)
+    try:
+        with session_scope(engine) as session:
+            repo.upsert_source(session=session, **source_row(pacs))
+    finally:
+        engine.dispose()
+    console.print(f"source {name!r} ({kind}) saved")
+
+
+def _set_enabled(name: str, enabled: bool) -> None:
+    from sqlmodel import select
+
+    from db.models import PacsSource
+    from db.session import session_scope
+
+    settings = _settings()
+    engine = _engine_at_head(settings)
+    try:
+        with session_scope(engine) as session:
+            row = session.exec(select(PacsSource).where(PacsSource.name == name)).first()
+            if row is None:
+                raise _fail(f"no source named {name!r} (see `nightread sources list`)")
+            row.enabled = enabled
+            session.add(row)
+    finally:
+        engine.dispose()
+    console.print(f"source {name!r} {'enabled' if enabled else 'disabled'}")
+
+
+@sources_app.command("disable")
+def sources_disable(name: Annotated[str, typer.Argument()]) -> None:
+    """Stop discovering and retrieving from a source (its studies and cursor are kept)."""
+    _set_enabled(name, False)
+
+
+@sources_app.command("enable")
+def sources_enable(name: Annotated[str, typer.Argument()]) -> None:
+    """Use a disabled source again."""
+    _set_enabled(name, True)
 
 
 @model_app.command("tiny")

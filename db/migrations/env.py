@@ -26,7 +26,8 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     url = config.get_main_option("sqlalchemy.url")
     assert url
-    engine = make_engine(url)
+    engine = make_engine(url, foreign_keys=False)  # SQLite batch rebuilds drop and recreate tables
+
     with engine.connect() as connection:
         context.configure(
             connection=connection, target_metadata=target_metadata, render_as_batch=connection.dialect.name == "sqlite"

@@ -92,3 +92,56 @@ def test_model_tiny_builds_a_loadable_checkpoint(tmp_path):
     bad = run("model", "tiny", "--family", "nope", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2
     assert "unknown family" in bad.stderr
+
+
+def test_sources_add_list_disable(tmp_path):
+    env = {"NIGHTREAD_DATA_DIR": str(tmp_path)}
+    r = run(
+        "sources",
+        "add",
+        "west",
+        "--kind",
+        "dicomweb",
+        "--url",
+        "http://pacs-west:8042/dicom-web",
+        "--modalities",
+        "cr,dx",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    r = run(
+        "sources",
+        "add",
+        "east",
+        "--host",
+        "10.0.0.5",
+        "--port",
+        "104",
+        "--called-ae",
+        "EASTPACS",
+        "--retrieve",
+        "move",
+        "--move-port",
+        "11113",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(run("sources", "list", "--json", env=env).stdout)}
+    assert set(rows) == {"sample-pacs", "west", "east"}  # the configured one is listed too
+    assert rows["east"]["address"] == "EASTPACS@10.0.0.5:104"
+    assert rows["east"]["retrieve"] == "move"
+    assert rows["west"]["kind"] == "dicomweb"
+    assert run("sources", "disable", "west", env=env).returncode == 0
+    assert run("sources", "disable", "sample-pacs", env=env).returncode == 0
+    rows = {row["name"]: row for row in json.loads(run("sources", "list", "--json", env=env).stdout)}
+    assert rows["west"]["enabled"] is False
+    assert rows["sample-pacs"]["enabled"] is False, "listing (which syncs settings) keeps it disabled"
+    missing = run("sources", "disable", "nowhere", env=env)
+    assert missing.returncode == 1
+    assert "no source named" in missing.stderr
+    bad = run("sources", "add", "x", "--kind", "dicomweb", env=env)
+    assert bad.returncode == 2
+    assert "needs a url" in bad.stderr
+    bad = run("sources", "add", "y", "--retrieve", "teleport", env=env)
+    assert bad.returncode == 2
+    assert "retrieve" in bad.stderr

@@ -205,3 +205,43 @@ def test_every_status_value_fits_its_column(engine):
         for status in ("new", "incomplete", "done", "failed"):
             repo.update_study(session=s, study_id=study.id, status=status)
             s.flush()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def test_upgrade_from_the_first_revision_keeps_data(tmp_path, backend, request):
+    """A database with rows at revision 0001 upgrades to head; nothing stored is lost."""
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    upgrade(url, "0001")
+    eng = make_engine(url)
+    now = utcnow()
+    with eng.begin() as conn:
+        conn.execute(text("INSERT INTO pacs_source (name, kind, updated_at) VALUES ('p', 'dimse', :t)"), {"t": now})
+        conn.execute(
+            text(
+                "INSERT INTO study (study_instance_uid, source_id, modalities, status, attempts, created_at,"
+                " updated_at) VALUES ('1.2', 1, 'CT', 'done', 1, :t, :t)"
+            ),
+            {"t": now},
+        )
+    upgrade(url)
+    assert current_revision(eng) == head_revision()
+    with session_scope(eng) as s:
+        source = s.exec(select(PacsSource)).one()
+        assert source.enabled is True
+        assert source.config is None
+        assert s.exec(select(Study)).one().source_id == source.id
+    eng.dispose()
+
+
+def test_sqlite_migration_engine_rolls_back_ddl(tmp_path):
+    """A migration that fails half way leaves no half-built table behind."""
+    from sqlalchemy import inspect, text
+
+    eng = make_engine(f"sqlite:///{tmp_path / 'ddl.sqlite'}", foreign_keys=False)
+    with pytest.raises(RuntimeError), eng.begin() as conn:
+        conn.execute(text("CREATE TABLE half_built (id INTEGER)"))
+        raise RuntimeError("the migration fails here")
+    assert "half_built" not in inspect(eng).get_table_names()
+    eng.dispose()
