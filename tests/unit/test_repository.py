@@ -240,8 +240,13 @@ def test_sqlite_migration_engine_rolls_back_ddl(tmp_path):
     from sqlalchemy import inspect, text
 
     eng = make_engine(f"sqlite:///{tmp_path / 'ddl.sqlite'}", foreign_keys=False)
-    with pytest.raises(RuntimeError), eng.begin() as conn:
-        conn.execute(text("CREATE TABLE half_built (id INTEGER)"))
-        raise RuntimeError("the migration fails here")
+
+    def half_migration() -> None:
+        with eng.begin() as conn:
+            conn.execute(text("CREATE TABLE half_built (id INTEGER)"))
+            raise RuntimeError("the migration fails here")
+
+    with pytest.raises(RuntimeError):
+        half_migration()
     assert "half_built" not in inspect(eng).get_table_names()
     eng.dispose()
