@@ -14,6 +14,7 @@ def utcnow() -> dt.datetime:
 
 
 class StudyStatus:
+    RECEIVING = "receiving"  # pushed instances still arriving (C-STORE receiver)
     NEW = "new"
     INCOMPLETE = "incomplete"  # retrieval or processing did not finish; tried again next run
     DONE = "done"

@@ -4,6 +4,7 @@ INSERT … ON CONFLICT so a re-run writes nothing twice on SQLite and Postgres a
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -138,6 +139,69 @@ def register_studies(*, session: Session, source_id: int, studies: Iterable[Mapp
         for s in studies
     ]
     return _insert_ignore(session, Study, rows, ["study_instance_uid"])
+
+
+def record_arrival(
+    *,
+    session: Session,
+    source_id: int,
+    study_instance_uid: str,
+    received: int,
+    study_date: str = "",
+    study_time: str = "",
+    modality: str = "",
+    accession_number: str = "",
+) -> bool:
+    """A pushed instance was filed: register its study (status receiving) or count it. Returns False
+    when the study belongs to another source (a PACS we query retrieves it instead)."""
+    _insert_ignore(
+        session,
+        Study,
+        [
+            {
+                "study_instance_uid": study_instance_uid,
+                "source_id": source_id,
+                "accession_hash": pseudonym(accession_number, namespace="accession") if accession_number else None,
+                "study_date": study_date or None,
+                "study_time": (study_time.split(".")[0] + "000000")[:6] if study_time else None,
+                "modalities": modality,
+                "status": StudyStatus.RECEIVING,
+                "received_instances": received,
+                "created_at": utcnow(),
+                "updated_at": utcnow(),
+            }
+        ],
+        ["study_instance_uid"],
+    )
+    study = session.exec(
+        select(Study).where(Study.study_instance_uid == study_instance_uid).execution_options(populate_existing=True)
+    ).one()
+    if study.source_id != source_id:
+        return False
+    modalities = set(filter(None, study.modalities.split("\\"))) | ({modality} if modality else set())
+    study.modalities = "\\".join(sorted(modalities))
+    study.received_instances = max(received, study.received_instances or 0)
+    if study.status != StudyStatus.RECEIVING:  # more instances for a study already read: read it again
+        study.status, study.attempts = StudyStatus.RECEIVING, 0
+    study.updated_at = utcnow()
+    session.add(study)
+    return True
+
+
+def release_received_studies(*, session: Session, source_id: int, quiet_before: dt.datetime) -> int:
+    """Pushed studies that are complete become `new`: by count when the expected number is known,
+    else when no instance arrived since `quiet_before`."""
+    released = 0
+    receiving = select(Study).where(Study.source_id == source_id, Study.status == StudyStatus.RECEIVING)
+    for study in session.exec(receiving):
+        expected = study.expected_instances
+        by_count = expected is not None and (study.received_instances or 0) >= expected
+        updated = study.updated_at if study.updated_at.tzinfo else study.updated_at.replace(tzinfo=dt.UTC)
+        if by_count or updated <= quiet_before:
+            study.status = StudyStatus.NEW
+            session.add(study)
+            released += 1
+    return released
 
 
 def pending_studies(*, session: Session, max_attempts: int, source_id: int | None = None) -> list[Study]:

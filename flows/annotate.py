@@ -260,8 +260,12 @@ def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, i
             )(rt, study_id, image_ids, model_version_id)
         )
         with session_scope(rt.engine) as session:
-            repo.update_study(session=session, study_id=study_id, status=StudyStatus.DONE, last_error=None)
+            study = repo.update_study(session=session, study_id=study_id, status=StudyStatus.DONE, last_error=None)
             repo.resolve_failures(session=session, stage="study", object_ref=f"study:{study_id}")
+            uid, source_id = study.study_instance_uid, study.source_id
+        forget = getattr(rt.source(source_id), "forget", None) if source_id is not None else None
+        if forget is not None:  # pushed studies leave the inbox once their results are recorded
+            forget(uid)
         counts["studies_done"] += 1
     except Exception as exc:  # recorded below, never swallowed: the study's failure row says what happened
         with session_scope(rt.engine) as session:

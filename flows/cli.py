@@ -438,6 +438,73 @@ def sources_enable(name: Annotated[str, typer.Argument()]) -> None:
     _set_enabled(name, True)
 
 
+def make_arrival_recorder(settings: NightreadSettings) -> tuple[Any, Any]:
+    """(callback for StoreReceiver, engine): each pushed instance is counted on its study's row."""
+    from db import repository as repo
+    from db.session import session_scope
+    from flows.runtime import source_row
+
+    engine = _engine_at_head(settings)
+    push = settings.push_source()
+    with session_scope(engine) as session:
+        source_id = repo.upsert_source(session=session, **source_row(push)).id
+    assert source_id is not None
+
+    def record(arrival: Any) -> None:
+        with session_scope(engine) as session:
+            repo.record_arrival(
+                session=session,
+                source_id=source_id,
+                study_instance_uid=arrival.study_instance_uid,
+                received=arrival.received,
+                study_date=arrival.study_date,
+                study_time=arrival.study_time,
+                modality=arrival.modality,
+                accession_number=arrival.accession_number,
+            )
+
+    return record, engine
+
+
+@app.command()
+def listen(
+    port: Annotated[int | None, typer.Option(help="default NIGHTREAD_LISTEN__PORT")] = None,
+    allow: Annotated[list[str] | None, typer.Option(help="allowed calling AE title (repeatable)")] = None,
+) -> None:
+    """Receive studies pushed by C-STORE from allow-listed AE titles; the next run reads them."""
+    from integrations.errors import ConfigurationError
+    from integrations.receiver import StoreReceiver
+
+    settings = _settings()
+    allowed = list(allow or settings.listen.allowed_aes)
+    record, engine = make_arrival_recorder(settings)
+    try:
+        receiver = StoreReceiver(
+            inbox=settings.inbox,
+            allowed_aes=allowed,
+            ae_title=settings.listen.ae_title,
+            host=settings.listen.host,
+            port=settings.listen.port if port is None else port,
+            on_arrival=record,
+        )
+        receiver.start()
+    except ConfigurationError as exc:
+        engine.dispose()
+        raise _fail(f"{exc} (set NIGHTREAD_LISTEN__ALLOWED_AES='[\"MODALITY1\"]' or pass --allow)", 2) from None
+    console.print(
+        f"receiving as {settings.listen.ae_title} on {settings.listen.host}:{receiver.port} from "
+        f"{', '.join(allowed)} into {settings.inbox}; a study is complete after "
+        f"{settings.listen.quiet_period_s:g} s without new instances; Ctrl-C stops"
+    )
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        receiver.stop()
+        engine.dispose()
+
+
 @model_app.command("tiny")
 def model_tiny(
     family: Annotated[str, typer.Option(help="architecture family")] = "smolvlm",

@@ -13,7 +13,7 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from db import repository as repo
-from db.models import PacsSource
+from db.models import PacsSource, utcnow
 from db.session import session_scope
 from flows.annotate import _transient_only, process_study
 from flows.runtime import Runtime
@@ -31,6 +31,11 @@ def _since(source: PacsSource, lookback_days: int) -> dt.datetime:
 def discover_studies(rt: Runtime, source_id: int) -> dict[str, int]:
     """C-FIND/QIDO from the source's cursor; register new studies and move the cursor in one transaction."""
     p = rt.source_settings(source_id)
+    if p.kind == "push":  # nothing to query: pushed studies that are complete become new
+        quiet_before = utcnow() - dt.timedelta(seconds=p.quiet_period_s)
+        with session_scope(rt.engine) as session:
+            released = repo.release_received_studies(session=session, source_id=source_id, quiet_before=quiet_before)
+        return {"found": released, "new": released}
     with session_scope(rt.engine) as session:
         source = session.get(PacsSource, source_id)
         assert source is not None
@@ -81,8 +86,27 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
             discover = discover_studies.with_options(
                 retries=settings.flow.retries, retry_delay_seconds=settings.flow.retry_delay_s
             )
+            errors: list[Exception] = []
             for source_id in source_ids:
-                counts.update(discover(rt, source_id))
+                try:
+                    counts.update(discover(rt, source_id))
+                except Exception as exc:  # one unreachable PACS must not stop the others: recorded here
+                    errors.append(exc)
+                    counts["sources_failed"] += 1
+                    with session_scope(rt.engine) as session:
+                        repo.record_failure(
+                            session=session,
+                            stage="discover",
+                            object_ref=f"source:{source_id}",
+                            error=exc,
+                            run_id=run_id,
+                        )
+                    logger.error("discovery in source %s failed: %s", rt.source_settings(source_id).name, exc)
+                else:
+                    with session_scope(rt.engine) as session:
+                        repo.resolve_failures(session=session, stage="discover", object_ref=f"source:{source_id}")
+            if errors and len(errors) == len(source_ids):
+                raise errors[0]
             with session_scope(rt.engine) as session:
                 pending = [
                     s.id
@@ -96,7 +120,7 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
             futures = [process_study.submit(rt, study_id, run_id) for study_id in pending if study_id is not None]
             for future in futures:
                 counts.update(future.result())
-            failed = counts["studies_failed"] or counts["failed"]
+            failed = counts["studies_failed"] or counts["failed"] or counts["sources_failed"]
             status = "completed_with_failures" if failed else "completed"
         finally:
             result: dict[str, Any] = {**counts, "wall_s": round(time.perf_counter() - started, 2)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
@@ -36,8 +37,12 @@ def build_store(settings: NightreadSettings) -> ObjectStore:
     return LocalObjectStore(settings.storage_root)
 
 
-def build_source(p: PacsSettings) -> StudySource:
+def build_source(p: PacsSettings, *, inbox: Path) -> StudySource:
     """The adapter for one configured source."""
+    if p.kind == "push":
+        from integrations.receiver import InboxStudySource
+
+        return InboxStudySource(name=p.name, inbox=inbox)
     if p.kind == "dicomweb":
         from integrations.dicomweb import DicomWebStudySource
 
@@ -131,7 +136,7 @@ class Runtime:
                 pacs = PacsSettings.model_validate(row.config)
                 with self._lock:
                     if row.id not in self._sources:
-                        self._sources[row.id] = (pacs, build_source(pacs))
+                        self._sources[row.id] = (pacs, build_source(pacs, inbox=self.settings.inbox))
                 ids.append(row.id)
             return ids
 

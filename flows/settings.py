@@ -38,7 +38,9 @@ class StorageSettings(BaseModel):
 
 
 class PacsSettings(BaseModel):
-    kind: Literal["dimse", "dicomweb"] = Field(default="dimse", description="how the PACS is reached")
+    kind: Literal["dimse", "dicomweb", "push"] = Field(
+        default="dimse", description="dimse/dicomweb: we query and retrieve; push: studies sent to `nightread listen`"
+    )
     name: str = Field(default="sample-pacs", min_length=1, max_length=64)
     url: str | None = Field(default=None, description="DICOMweb root, e.g. http://pacs:8042/dicom-web")
     host: str = "127.0.0.1"
@@ -50,6 +52,9 @@ class PacsSettings(BaseModel):
     timeout_s: float = Field(default=30.0, gt=0)
     modalities: list[str] = Field(default_factory=list, description="only studies with these modalities")
     lookback_days: int = Field(default=7, ge=0, description="first discovery looks back this far")
+    quiet_period_s: float = Field(
+        default=120.0, ge=0, description="push: a study with no new instance for this long is complete"
+    )
 
     @model_validator(mode="after")
     def _url_for_dicomweb(self) -> PacsSettings:
@@ -63,6 +68,17 @@ class PacsSettings(BaseModel):
         if not v or len(v) > 16 or not v.isascii() or "\\" in v:
             raise ValueError("an AE title is 1-16 ASCII characters without backslash")
         return v
+
+
+class ListenSettings(BaseModel):
+    """`nightread listen`: the C-STORE receiver for studies pushed to nightread."""
+
+    ae_title: str = "NIGHTREAD"
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    allowed_aes: list[str] = Field(default_factory=list, description="calling AE titles allowed to push (JSON list)")
+    quiet_period_s: float = Field(default=120.0, ge=0, description="no new instance for this long: study complete")
+    source_name: str = "push"
 
 
 class InferenceSettings(BaseModel):
@@ -104,6 +120,7 @@ class NightreadSettings(BaseSettings):
     sources: list[PacsSettings] = Field(
         default_factory=list, description="several PACS at once (JSON list); when empty, `pacs` is the one source"
     )
+    listen: ListenSettings = Field(default_factory=ListenSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     render: RenderSettings = Field(default_factory=RenderSettings)
     flow: FlowSettings = Field(default_factory=FlowSettings)
@@ -129,6 +146,14 @@ class NightreadSettings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{self.data_dir / 'nightread.db'}"
+
+    @property
+    def inbox(self) -> Path:
+        """Where `nightread listen` files pushed studies (shared with the workers that run the flows)."""
+        return self.data_dir / "inbox"
+
+    def push_source(self) -> PacsSettings:
+        return PacsSettings(name=self.listen.source_name, kind="push", quiet_period_s=self.listen.quiet_period_s)
 
     @property
     def storage_root(self) -> Path:

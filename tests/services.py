@@ -232,6 +232,12 @@ class Orthanc:
         with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as r:
             return json.loads(r.read())
 
+    def post_json(self, path: str, body: object) -> object:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
     def delete_all(self) -> None:
         for pid in self.get_json("/patients"):  # type: ignore[union-attr]
             req = urllib.request.Request(f"{self.url}/patients/{pid}", method="DELETE")

@@ -92,3 +92,33 @@ def test_move_to_undeclared_destination_is_refused(orthanc, tmp_path):
         src.calling_ae = "NIGHTREAD2"  # ... then ask it to move to an unknown one
         with pytest.raises(PeerRefused):
             src.retrieve_study(ref.study_instance_uid, dest=tmp_path)
+
+
+def test_orthanc_pushes_a_study_to_the_receiver(orthanc, tmp_path):
+    """A real PACS sends a study by C-STORE to `nightread listen`'s receiver; it lands in the inbox."""
+    import json
+    import urllib.request
+
+    from integrations.receiver import StoreReceiver, study_folder
+
+    arrivals = []
+    ct = next(s for s in orthanc.studies if s.header.Modality == "CT")
+    with StoreReceiver(
+        inbox=tmp_path,
+        allowed_aes=[orthanc.aet],
+        ae_title=orthanc.nightread_ae,
+        port=orthanc.nightread_port,
+        on_arrival=arrivals.append,
+    ):
+        (found,) = orthanc.post_json("/tools/lookup", ct.study_instance_uid)
+        req = urllib.request.Request(
+            f"{orthanc.url}/modalities/nightread/store",
+            data=json.dumps({"Resources": [found["ID"]], "Synchronous": True}).encode(),
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert r.status == 200
+    files = list(study_folder(tmp_path, ct.study_instance_uid).glob("*.dcm"))
+    assert len(files) == len(ct.instances)
+    assert max(a.received for a in arrivals) == len(ct.instances)
+    assert {a.sender_ae for a in arrivals} == {orthanc.aet}
