@@ -438,40 +438,13 @@ def sources_enable(name: Annotated[str, typer.Argument()]) -> None:
     _set_enabled(name, True)
 
 
-def make_arrival_recorder(settings: NightreadSettings) -> tuple[Any, Any]:
-    """(callback for StoreReceiver, engine): each pushed instance is counted on its study's row."""
-    from db import repository as repo
-    from db.session import session_scope
-    from flows.runtime import source_row
-
-    engine = _engine_at_head(settings)
-    push = settings.push_source()
-    with session_scope(engine) as session:
-        source_id = repo.upsert_source(session=session, **source_row(push)).id
-    assert source_id is not None
-
-    def record(arrival: Any) -> None:
-        with session_scope(engine) as session:
-            repo.record_arrival(
-                session=session,
-                source_id=source_id,
-                study_instance_uid=arrival.study_instance_uid,
-                received=arrival.received,
-                study_date=arrival.study_date,
-                study_time=arrival.study_time,
-                modality=arrival.modality,
-                accession_number=arrival.accession_number,
-            )
-
-    return record, engine
-
-
 @app.command()
 def listen(
     port: Annotated[int | None, typer.Option(help="default NIGHTREAD_LISTEN__PORT")] = None,
     allow: Annotated[list[str] | None, typer.Option(help="allowed calling AE title (repeatable)")] = None,
 ) -> None:
     """Receive studies pushed by C-STORE from allow-listed AE titles; the next run reads them."""
+    from flows.listen import make_arrival_recorder
     from integrations.errors import ConfigurationError
     from integrations.receiver import StoreReceiver
 

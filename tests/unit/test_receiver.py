@@ -9,8 +9,7 @@ from sqlmodel import Session, select
 
 from db.migrate import upgrade
 from db.models import Image, Study
-from db.session import make_engine
-from flows.cli import make_arrival_recorder
+from flows.listen import make_arrival_recorder
 from flows.nightly import run_nightly
 from integrations.errors import ConfigurationError
 from integrations.pacs import RETRIEVE_STORAGE_CLASSES
