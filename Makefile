@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: venv demo test lint fuzz clean
+.PHONY: venv demo test lint clean bench-retrieval
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# benchmarks print figures (ratios measured side by side in one run); they assert nothing
+bench-retrieval: venv
+	$(BIN)/python -m tests.bench.retrieval
 
 clean:
 	rm -rf .nightread test-output .pytest_cache .mypy_cache .ruff_cache

@@ -56,6 +56,7 @@ def build_source(p: PacsSettings, *, inbox: Path) -> StudySource:
         calling_ae=p.calling_ae,
         retrieve=p.retrieve,
         move_port=p.move_port,
+        parallel=p.parallel_associations,
         timeout_s=p.timeout_s,
     )
 

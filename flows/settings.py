@@ -49,6 +49,9 @@ class PacsSettings(BaseModel):
     calling_ae: str = "NIGHTREAD"
     retrieve: Literal["get", "move"] = "get"
     move_port: int = Field(default=0, ge=0, le=65535, description="our storage SCP port for C-MOVE (0: any)")
+    parallel_associations: int = Field(
+        default=1, ge=1, le=16, description="split a study over this many C-GET/C-MOVE associations at once"
+    )
     timeout_s: float = Field(default=30.0, gt=0)
     modalities: list[str] = Field(default_factory=list, description="only studies with these modalities")
     lookback_days: int = Field(default=7, ge=0, description="first discovery looks back this far")

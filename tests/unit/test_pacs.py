@@ -108,3 +108,16 @@ def test_corrupt_instances_are_served_as_they_are(sample_pacs, tmp_path):
     lengths = sorted(len(dcmread(p).get("PixelData", b"")) for p in got.files)
     assert lengths[1] == 2000
     assert np.prod([512, 512]) * 2 > lengths[1]
+
+
+@pytest.mark.parametrize("method", ["get", "move"])
+def test_parallel_associations_split_a_study_and_get_all_of_it(sample_pacs, tmp_path, method):
+    with source(sample_pacs, retrieve=method, parallel=3) as src:
+        if method == "move":
+            sample_pacs.move_destinations["NIGHTREAD"] = ("127.0.0.1", src.move_port)
+        ref = next(r for r in src.find_studies(since=WEEK_AGO) if r.modalities == ("CT",))
+        before = sample_pacs.associations
+        got = src.retrieve_study(ref.study_instance_uid, dest=tmp_path, expected=ref.number_of_instances)
+    assert len(got.files) == 33
+    assert len({dcmread(p).SOPInstanceUID for p in got.files}) == 33
+    assert sample_pacs.associations - before >= 4, "one C-FIND for the instance list, then 3 retrievals"
