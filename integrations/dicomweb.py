@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,6 @@ from pydicom import Dataset
 
 from integrations.errors import PeerRefused, RetrievalIncomplete, TransientError
 from integrations.imaging import values_of
-from integrations.pacs import uid_hash
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,17 @@ class DicomWebStudySource:
         headers: dict[str, str] | None = None,
         page_size: int = 500,
     ) -> None:
+        import requests
         from dicomweb_client.api import DICOMwebClient
 
         self.name = name
         self.url = url.rstrip("/")
         self.page_size = page_size
-        self.client = DICOMwebClient(url=self.url, headers=headers, timeout=timeout_s)
+        self.timeout_s = timeout_s
+        self._session = requests.Session()
+        if headers:
+            self._session.headers.update(headers)
+        self.client = DICOMwebClient(url=self.url, session=self._session, timeout=timeout_s)
 
     def __enter__(self) -> DicomWebStudySource:
         return self
@@ -85,9 +90,7 @@ class DicomWebStudySource:
         self.close()
 
     def close(self) -> None:
-        session = getattr(self.client, "_session", None)
-        if session is not None:
-            session.close()
+        self._session.close()
 
     @contextmanager
     def _errors(self, operation: str) -> Iterator[None]:
@@ -181,14 +184,53 @@ class DicomWebStudySource:
         return out
 
     def retrieve_study(self, study_instance_uid: str, *, dest: Path, expected: int | None = None) -> RetrievedStudy:
+        """WADO-RS: the study's multipart response is streamed part by part straight to files, as the
+        PACS encoded them (no parse and re-encode; memory stays at one chunk, not one study)."""
         dest.mkdir(parents=True, exist_ok=True)
+        url = f"{self.url}/studies/{study_instance_uid}"
+        headers = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
         with self._errors("WADO-RS study retrieval"):
-            for ds in self.client.iter_study(study_instance_uid):
-                sop = _text(ds, "SOPInstanceUID")
-                if not sop:
-                    continue
-                ds.save_as(dest / f"{uid_hash(sop)}.dcm", enforce_file_format=True)
+            response = self._session.get(url, headers=headers, stream=True, timeout=self.timeout_s)
+            response.raise_for_status()
+            with response:
+                for part in iter_multipart(
+                    response.headers.get("Content-Type", ""), response.iter_content(chunk_size=1 << 20)
+                ):
+                    name = hashlib.sha256(part).hexdigest()[:16]
+                    (dest / f"{name}.dcm").write_bytes(part)
         files = tuple(sorted(dest.glob("*.dcm")))
         if expected is not None and len(files) < expected:
             raise RetrievalIncomplete(expected=expected, received=len(files))
         return RetrievedStudy(study_instance_uid, dest, files, expected)
+
+
+def iter_multipart(content_type: str, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The bodies of a multipart/related HTTP body, streamed (RFC 2046): each is yielded as soon as
+    the delimiter after it has arrived."""
+    media_type, *params = [p.strip() for p in content_type.split(";")]
+    if media_type.lower() != "multipart/related":
+        raise PeerRefused(f"expected a multipart/related answer, got {media_type or 'no content type'}")
+    boundary = next((v.strip('"') for k, _, v in (p.partition("=") for p in params) if k.lower() == "boundary"), "")
+    if not boundary:
+        raise PeerRefused("multipart answer without a boundary")
+    delimiter = b"\r\n--" + boundary.encode()
+    buffer = bytearray(b"\r\n")  # so the first delimiter looks like the others
+    search_from = 0
+    started = False
+    for chunk in chunks:
+        buffer += chunk
+        while True:
+            at = buffer.find(delimiter, search_from)
+            if at < 0:
+                search_from = max(0, len(buffer) - len(delimiter))
+                break
+            if started:
+                part = bytes(buffer[:at])
+                _headers, sep, body = part.partition(b"\r\n\r\n")
+                if sep:
+                    yield body
+            started = True
+            del buffer[: at + len(delimiter)]
+            search_from = 0
+            if buffer.startswith(b"--"):  # the closing delimiter
+                return
