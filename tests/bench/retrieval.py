@@ -111,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ct-slices", type=int, default=60)
     parser.add_argument("--dx-images", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if shutil.which("getscu") is None:
         sys.exit("getscu not found: apt-get install dcmtk")
