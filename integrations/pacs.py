@@ -9,10 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import multiprocessing as mp
 import socket
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
@@ -234,6 +235,12 @@ class _StoreSink:
         return _write_instance(event, folder, sop_uid)
 
 
+def _c_get_in_worker(config: dict[str, Any], identifier: Dataset, dest: str) -> None:
+    """One C-GET in a worker process (module level, so a spawned process can import it)."""
+    source = DimseStudySource(**config, retrieve="get", parallel=1)
+    source._c_get(identifier, dest=Path(dest))
+
+
 class DimseStudySource:
     """A PACS reached over DIMSE. Use as a context manager when retrieving by C-MOVE."""
 
@@ -263,6 +270,7 @@ class DimseStudySource:
         self._move_port = move_port
         self._move_server: Any = None
         self._sink = _StoreSink()
+        self._pool: ProcessPoolExecutor | None = None
         self._server_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -277,6 +285,26 @@ class DimseStudySource:
             if self._move_server is not None:
                 self._move_server.shutdown()
                 self._move_server = None
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _process_pool(self) -> ProcessPoolExecutor:
+        """Worker processes for parallel C-GET (started once, kept until close())."""
+        with self._server_lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(max_workers=self.parallel, mp_context=mp.get_context("spawn"))
+            return self._pool
+
+    def _worker_config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "host": self.host,
+            "port": self.port,
+            "called_ae": self.called_ae,
+            "calling_ae": self.calling_ae,
+            "timeout_s": self.timeout_s,
+        }
 
     def _ae(self) -> AE:
         quiet_pynetdicom()
@@ -377,16 +405,20 @@ class DimseStudySource:
             sops = self._instance_uids(study_instance_uid)
             if len(sops) >= 2 * self.parallel:
                 identifiers = [self._identifier(study_instance_uid, chunk) for chunk in _chunks(sops, self.parallel)]
-        one = self._c_move if self.retrieve == "move" else partial(self._c_get, dest=dest)
         if self.retrieve == "move":
             self._sink.register(study_instance_uid, dest)
         try:
             if len(identifiers) == 1:
-                one(identifiers[0])
-            else:
-                with ThreadPoolExecutor(max_workers=len(identifiers), thread_name_prefix="retrieve") as pool:
-                    for future in [pool.submit(one, ident) for ident in identifiers]:
+                self._c_move(identifiers[0]) if self.retrieve == "move" else self._c_get(identifiers[0], dest=dest)
+            elif self.retrieve == "move":  # the PACS sends to our storage SCP: requests can go from threads
+                with ThreadPoolExecutor(max_workers=len(identifiers), thread_name_prefix="c-move") as threads:
+                    for future in [threads.submit(self._c_move, ident) for ident in identifiers]:
                         future.result()
+            else:  # C-GET receives in the requesting process: worker processes, so Python is not the bottleneck
+                pool = self._process_pool()
+                config = self._worker_config()
+                for future in [pool.submit(_c_get_in_worker, config, ident, str(dest)) for ident in identifiers]:
+                    future.result()
         finally:
             if self.retrieve == "move":
                 self._sink.unregister(study_instance_uid)
