@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PACKAGES)
-	$(BIN)/python -m pip install -q -e ".[inference,dev]"
+	$(BIN)/python -m pip install -q -e ".[inference,triton,dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -27,10 +27,12 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 model_app = typer.Typer(help="Models.", no_args_is_help=True)
+triton_app = typer.Typer(help="Triton Inference Server.", no_args_is_help=True)
 sources_app = typer.Typer(help="PACS sources (configured in settings or added here).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
 app.add_typer(sources_app, name="sources")
+app.add_typer(triton_app, name="triton")
 console = Console()
 err = Console(stderr=True)
 
@@ -476,6 +478,48 @@ def listen(
     finally:
         receiver.stop()
         engine.dispose()
+
+
+@triton_app.command("serve")
+def triton_serve(
+    model: Annotated[str | None, typer.Option(help="checkpoint folder or hub id (default: the repository's)")] = None,
+) -> None:
+    """Run tritonserver (from the nvidia-pytriton wheel) on nightread's model repository, for development."""
+    from integrations.errors import NightreadError
+    from integrations.triton_server import TritonServer, prepare_repository
+
+    settings = _settings()
+    t = settings.triton
+    work = settings.data_dir / "triton"
+    try:
+        repo = prepare_repository(
+            t.repository, work / "model_repository", instance_count=t.instance_count, instance_kind=t.instance_kind
+        )
+        env = {"NIGHTREAD_TRITON_MODEL": model} if model else {}
+        env["NIGHTREAD_TRITON_CACHE"] = str(settings.data_dir / "models")
+        server = TritonServer(
+            repository=repo,
+            work_dir=work,
+            http_port=t.http_port,
+            grpc_port=t.grpc_port,
+            metrics_port=t.metrics_port,
+            env=env,
+        )
+        with console.status("starting tritonserver and loading the model"):
+            server.start()
+    except NightreadError as exc:
+        raise _fail(str(exc)) from None
+    console.print(
+        f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics "
+        f"127.0.0.1:{t.metrics_port}; log {server.log_path}; Ctrl-C stops"
+    )
+    try:
+        while server.proc is not None and server.proc.poll() is None:
+            threading.Event().wait(1)  # until Ctrl-C or the server exits
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
 
 
 @model_app.command("tiny")

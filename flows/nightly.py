@@ -83,6 +83,8 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
             )
         status = "failed"
         try:
+            if settings.inference.backend == "triton":
+                rt.annotator()  # readiness check before anything is retrieved: server up, model ready
             discover = discover_studies.with_options(
                 retries=settings.flow.retries, retry_delay_seconds=settings.flow.retry_delay_s
             )

@@ -64,6 +64,23 @@ def build_source(p: PacsSettings, *, inbox: Path) -> StudySource:
 def build_annotator(settings: NightreadSettings) -> tuple[Annotator, str]:
     """The configured annotator and a note to show the user ("" when the configured model loaded)."""
     inf = settings.inference
+    if inf.backend == "triton":
+        from integrations.triton import TritonAnnotator
+
+        t = settings.triton
+        triton = TritonAnnotator(
+            url=t.url,
+            protocol=t.protocol,
+            model=t.model,
+            version=t.version,
+            timeout_s=t.timeout_s,
+            max_in_flight=t.max_in_flight,
+            retries=t.retries,
+            backoff_s=t.backoff_s,
+        )
+        info = triton.check_ready()  # before the run starts: server and model ready, provenance known
+        note = f"model {info.name} ({info.revision}) on Triton at {t.url}"
+        return triton, note + (": a tiny random stand-in, its answers mean nothing" if info.offline_stand_in else "")
     if inf.threads:
         import torch
 
@@ -169,6 +186,10 @@ class Runtime:
         with self._lock:
             sources = [s for _, s in self._sources.values()]
             self._sources.clear()
+            annotator, self._annotator = (self._annotator[0] if self._annotator else None), None
+        close_annotator: Any = getattr(annotator, "close", None)
+        if close_annotator is not None:
+            close_annotator()
         for source in sources:
             close: Any = getattr(source, "close", None)
             if close is not None:

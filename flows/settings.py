@@ -100,6 +100,26 @@ class InferenceSettings(BaseModel):
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")
 
 
+class TritonSettings(BaseModel):
+    """The Triton client (inference.backend=triton) and `nightread triton serve`."""
+
+    url: str = Field(default="127.0.0.1:8001", description="gRPC host:port (HTTP host:port with protocol=http)")
+    protocol: Literal["grpc", "http"] = "grpc"
+    model: str = "nightread_vlm"
+    version: str = Field(default="", description="model version to require ('' = latest)")
+    timeout_s: float = Field(default=300.0, gt=0, description="per request")
+    max_in_flight: int = Field(default=16, ge=1, le=256, description="requests in flight (lets batches form)")
+    retries: int = Field(default=3, ge=0, le=10)
+    backoff_s: float = Field(default=0.5, ge=0)
+    # `nightread triton serve` (development server from the nvidia-pytriton wheel)
+    repository: Path = Field(default=Path("deploy/triton/model_repository"))
+    instance_count: int = Field(default=1, ge=1, le=16)
+    instance_kind: Literal["KIND_CPU", "KIND_GPU"] = "KIND_CPU"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    metrics_port: int = Field(default=8002, ge=0, le=65535)
+
+
 class RenderSettings(BaseModel):
     max_long_edge: int = Field(default=512, ge=32, le=8192, description="long edge of rendered images, pixels")
 
@@ -125,6 +145,7 @@ class NightreadSettings(BaseSettings):
     )
     listen: ListenSettings = Field(default_factory=ListenSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    triton: TritonSettings = Field(default_factory=TritonSettings)
     render: RenderSettings = Field(default_factory=RenderSettings)
     flow: FlowSettings = Field(default_factory=FlowSettings)
     questions_file: Path | None = Field(default=None, description="question bank YAML; default: the bundled one")
