@@ -28,7 +28,7 @@ from integrations.imaging import InstanceInfo, frames_of, read_instance_info, re
 from integrations.pacs import uid_hash
 from integrations.ports import AnnotationRequest, ImageContext, RetrievedStudy
 
-ANNOTATE_BATCH = 4
+ANNOTATE_BATCH = 8  # images per annotator call within a study; results are committed per call
 
 
 def _transient_only(task: Any, task_run: Any, state: Any) -> bool:
@@ -245,12 +245,13 @@ def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, i
         assert study is not None
         repo.update_study(session=session, study_id=study_id, attempts=study.attempts + 1)
     try:
-        retrieved = retrieve_study.with_options(
-            retries=flow_settings.retries, retry_delay_seconds=flow_settings.retry_delay_s
-        )(rt, study_id, workdir / "dicom")
-        counts["retrieved"] += 1
-        counts["instances"] += len(retrieved.files)
-        rendered = render_study(rt, study_id, retrieved, run_id)
+        with rt.fetch_gate:
+            retrieved = retrieve_study.with_options(
+                retries=flow_settings.retries, retry_delay_seconds=flow_settings.retry_delay_s
+            )(rt, study_id, workdir / "dicom")
+            counts["retrieved"] += 1
+            counts["instances"] += len(retrieved.files)
+            rendered = render_study(rt, study_id, retrieved, run_id)
         image_ids = rendered.pop("image_ids")
         counts.update(rendered)
         model_version_id = ensure_model_version(rt)

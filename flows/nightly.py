@@ -135,8 +135,9 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
 
 
 def run_nightly(settings: NightreadSettings) -> dict[str, Any]:
-    """The nightly flow with the configured concurrency."""
-    runner: Any = ThreadPoolTaskRunner(max_workers=settings.flow.concurrency)
+    """The nightly flow: `flow.concurrency` studies retrieved/rendered at once, and up to
+    `flow.annotating_studies` more waiting on the annotator, so a remote model's batches stay full."""
+    runner: Any = ThreadPoolTaskRunner(max_workers=settings.flow.concurrency + settings.flow.annotating_studies)
     flow_with_runner = nightly.with_options(task_runner=runner)
     result: dict[str, Any] = flow_with_runner(settings=settings)
     return result

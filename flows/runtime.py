@@ -123,6 +123,9 @@ class Runtime:
     _annotator: tuple[Annotator, str] | None = None
     _sources: dict[int, tuple[PacsSettings, StudySource]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # retrieval and rendering (PACS and CPU work) are bounded by flow.concurrency; a study waiting on
+    # the annotator does not hold one of these slots
+    fetch_gate: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(1))
 
     @classmethod
     def build(cls, settings: NightreadSettings) -> Runtime:
@@ -135,6 +138,7 @@ class Runtime:
             store=build_store(settings),
             bank=load_bank(settings.questions_file),
             rules=load_rules(settings.rules_file),
+            fetch_gate=threading.BoundedSemaphore(settings.flow.concurrency),
         )
 
     def register_sources(self) -> list[int]:

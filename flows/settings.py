@@ -125,7 +125,13 @@ class RenderSettings(BaseModel):
 
 
 class FlowSettings(BaseModel):
-    concurrency: int = Field(default=2, ge=1, le=64, description="studies processed at once")
+    concurrency: int = Field(default=2, ge=1, le=64, description="studies retrieved and rendered at once")
+    annotating_studies: int = Field(
+        default=32,
+        ge=1,
+        le=256,
+        description="studies that may wait on the annotator at once (keeps a Triton server's batches full)",
+    )
     retries: int = Field(default=2, ge=0, le=10)
     retry_delay_s: float = Field(default=2.0, ge=0)
     max_attempts: int = Field(default=3, ge=1, description="runs a failing study is tried in before it is failed")

@@ -129,6 +129,9 @@ def association(ae: AE, *, host: str, port: int, called_ae: str, **kwargs: Any) 
         raise TransientError(f"cannot connect to PACS {called_ae} at {host}:{port}: {exc}") from exc
     if not assoc.is_established:
         if assoc.is_rejected:
+            rejection = getattr(getattr(assoc, "acceptor", None), "primitive", None)
+            if getattr(rejection, "result", None) == 0x02:  # rejected-transient: e.g. too many associations
+                raise TransientError(f"PACS {called_ae} at {host}:{port} is busy (association rejected, transient)")
             raise PeerRefused(
                 f"PACS {called_ae} at {host}:{port} rejected the association "
                 f"(check the called AE title and that our AE title is known to it)"

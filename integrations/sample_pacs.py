@@ -541,6 +541,7 @@ class SamplePacs:
         quiet_pynetdicom()
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = 0  # unlimited: faster transfers of large images
+        ae.maximum_associations = 64
         ae.add_supported_context(Verification)
         for ctx in (*self.FIND, *self.GET, *self.MOVE):
             ae.add_supported_context(ctx)
