@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from integrations.errors import ConfigurationError
+from flows.yamlfile import load_yaml_model
 from integrations.imaging import InstanceInfo
 
 
@@ -93,25 +90,8 @@ class Decision:
 
 def load_rules(path: Path | None = None) -> RuleSet:
     """Load and validate a rules file (default: the bundled one); errors name the file and the field."""
-    if path is None:
-        text = resources.files("flows").joinpath("selection.yaml").read_text(encoding="utf-8")
-        where = "bundled selection.yaml"
-    else:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigurationError(f"rules file {path}: cannot be read ({exc.strerror})") from exc
-        where = str(path)
-    try:
-        data = yaml.safe_load(text)
-        rules = RuleSet.model_validate(data)
-    except yaml.YAMLError as exc:
-        raise ConfigurationError(f"rules file {where}: not valid YAML: {exc}") from exc
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigurationError(f"rules file {where}: {loc}: {first['msg']}") from exc
-    rules.sha = hashlib.sha256(text.encode()).hexdigest()[:12]
+    rules, sha = load_yaml_model(RuleSet, path, bundled=("flows", "selection.yaml"), what="rules file")
+    rules.sha = sha
     return rules
 
 

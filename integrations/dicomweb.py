@@ -17,8 +17,8 @@ from typing import Any
 from pydicom import Dataset
 
 from integrations.errors import PeerRefused, RetrievalIncomplete, TransientError
-from integrations.imaging import values_of
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
+from integrations.query import series_ref, studies_since, study_ref
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +39,6 @@ SERIES_FIELDS = (
     "BodyPartExamined",
     "NumberOfSeriesRelatedInstances",
 )
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return "" if value is None else str(value)
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
 
 
 def _identity(answer: dict[str, Any]) -> str:
@@ -140,26 +127,7 @@ class DicomWebStudySource:
                 fields=list(STUDY_FIELDS), search_filters=filters, limit=limit, offset=offset
             ),
         )
-        floor = (f"{since:%Y%m%d}", f"{since:%H%M%S}") if since else ("", "")
-        wanted = {m.upper() for m in modalities}
-        refs = []
-        for answer in answers:
-            ds = Dataset.from_json(answer)
-            ref = StudyRef(
-                study_instance_uid=_text(ds, "StudyInstanceUID"),
-                study_date=_text(ds, "StudyDate"),
-                study_time=_text(ds, "StudyTime"),
-                accession_number=_text(ds, "AccessionNumber"),
-                modalities=tuple(str(m) for m in values_of(ds.get("ModalitiesInStudy"))),
-                description=_text(ds, "StudyDescription"),
-                number_of_instances=_int(ds, "NumberOfStudyRelatedInstances"),
-            )
-            if not ref.study_instance_uid or ref.sort_key < floor:
-                continue
-            if wanted and not wanted & set(ref.modalities):
-                continue
-            refs.append(ref)
-        return sorted(refs, key=lambda r: r.sort_key)
+        return studies_since((study_ref(Dataset.from_json(a)) for a in answers), since=since, modalities=modalities)
 
     def find_series(self, study_instance_uid: str) -> list[SeriesRef]:
         answers = self._paged(
@@ -168,20 +136,7 @@ class DicomWebStudySource:
                 study_instance_uid=study_instance_uid, fields=list(SERIES_FIELDS), limit=limit, offset=offset
             ),
         )
-        out = []
-        for answer in answers:
-            ds = Dataset.from_json(answer)
-            out.append(
-                SeriesRef(
-                    series_instance_uid=_text(ds, "SeriesInstanceUID"),
-                    modality=_text(ds, "Modality"),
-                    series_number=_int(ds, "SeriesNumber"),
-                    description=_text(ds, "SeriesDescription"),
-                    body_part=_text(ds, "BodyPartExamined"),
-                    number_of_instances=_int(ds, "NumberOfSeriesRelatedInstances"),
-                )
-            )
-        return out
+        return [series_ref(Dataset.from_json(a)) for a in answers]
 
     def retrieve_study(self, study_instance_uid: str, *, dest: Path, expected: int | None = None) -> RetrievedStudy:
         """WADO-RS: the study's multipart response is streamed part by part straight to files, as the

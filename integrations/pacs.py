@@ -39,8 +39,8 @@ from pynetdicom import AE, _config, build_role, evt
 from pynetdicom import sop_class as sc
 
 from integrations.errors import PeerRefused, RetrievalIncomplete, TransientError
-from integrations.imaging import values_of
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
+from integrations.query import int_of, series_ref, studies_since, study_ref, text_of
 
 log = logging.getLogger(__name__)
 
@@ -163,19 +163,6 @@ def _status_error(operation: str, status: Dataset, called_ae: str, calling_ae: s
     if code == 0xA801:
         return PeerRefused(f"{operation} failed: PACS {called_ae} does not know the move destination (0xA801)")
     return PeerRefused(f"{operation} failed with status 0x{code:04X} from PACS {called_ae}")
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return "" if value is None else str(value)
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
 
 
 def _write_instance(event: Any, folder: Path, sop_uid: str) -> int:
@@ -354,27 +341,7 @@ class DimseStudySource:
         q.StudyDescription = ""
         q.ModalitiesInStudy = modalities[0] if len(modalities) == 1 else ""
         q.NumberOfStudyRelatedInstances = ""
-        refs = []
-        wanted = {m.upper() for m in modalities}
-        floor = (f"{since:%Y%m%d}", f"{since:%H%M%S}") if since else ("", "")
-        for ds in self._find(q):
-            mods = ds.get("ModalitiesInStudy", "")
-            mod_tuple = tuple(str(m) for m in values_of(mods))
-            ref = StudyRef(
-                study_instance_uid=_text(ds, "StudyInstanceUID"),
-                study_date=_text(ds, "StudyDate"),
-                study_time=_text(ds, "StudyTime"),
-                accession_number=_text(ds, "AccessionNumber"),
-                modalities=mod_tuple,
-                description=_text(ds, "StudyDescription"),
-                number_of_instances=_int(ds, "NumberOfStudyRelatedInstances"),
-            )
-            if not ref.study_instance_uid or ref.sort_key < floor:
-                continue
-            if wanted and not wanted & set(mod_tuple):
-                continue
-            refs.append(ref)
-        return sorted(refs, key=lambda r: r.sort_key)
+        return studies_since((study_ref(ds) for ds in self._find(q)), since=since, modalities=modalities)
 
     def find_series(self, study_instance_uid: str) -> list[SeriesRef]:
         q = Dataset()
@@ -386,17 +353,7 @@ class DimseStudySource:
         q.SeriesDescription = ""
         q.BodyPartExamined = ""
         q.NumberOfSeriesRelatedInstances = ""
-        return [
-            SeriesRef(
-                series_instance_uid=_text(ds, "SeriesInstanceUID"),
-                modality=_text(ds, "Modality"),
-                series_number=_int(ds, "SeriesNumber"),
-                description=_text(ds, "SeriesDescription"),
-                body_part=_text(ds, "BodyPartExamined"),
-                number_of_instances=_int(ds, "NumberOfSeriesRelatedInstances"),
-            )
-            for ds in self._find(q)
-        ]
+        return [series_ref(ds) for ds in self._find(q)]
 
     # --- retrieval -----------------------------------------------------------------------------------
     def retrieve_study(self, study_instance_uid: str, *, dest: Path, expected: int | None = None) -> RetrievedStudy:
@@ -445,7 +402,7 @@ class DimseStudySource:
         q.StudyInstanceUID = study_instance_uid
         q.SeriesInstanceUID = ""
         q.SOPInstanceUID = ""
-        return sorted({_text(ds, "SOPInstanceUID") for ds in self._find(q)} - {""})
+        return sorted({text_of(ds, "SOPInstanceUID") for ds in self._find(q)} - {""})
 
     def _check_final(self, operation: str, final: Dataset | None) -> None:
         if final is None:
@@ -453,7 +410,7 @@ class DimseStudySource:
         if "Status" not in final:
             raise _status_error(operation, final, self.called_ae, self.calling_ae)
         code = int(final.Status)
-        failed = _int(final, "NumberOfFailedSuboperations") or 0
+        failed = int_of(final, "NumberOfFailedSuboperations") or 0
         if code == 0x0000 or (code == 0xB000 and failed == 0):
             return
         if code == 0xB000:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from integrations.errors import ConfigurationError
+from flows.yamlfile import load_yaml_model
 from integrations.ports import Question
 
 DEFAULT_BANK = "chest_ct_mr.yaml"
@@ -80,22 +77,7 @@ class QuestionBank(BaseModel):
 
 
 def load_bank(path: Path | None = None) -> QuestionBank:
-    if path is None:
-        raw = resources.files("flows.questions").joinpath(DEFAULT_BANK).read_bytes()
-        where = f"bundled {DEFAULT_BANK}"
-    else:
-        try:
-            raw = Path(path).read_bytes()
-        except OSError as exc:
-            raise ConfigurationError(f"question bank {path}: cannot be read ({exc.strerror})") from exc
-        where = str(path)
-    try:
-        bank = QuestionBank.model_validate(yaml.safe_load(raw))
-    except yaml.YAMLError as exc:
-        raise ConfigurationError(f"question bank {where}: not valid YAML: {exc}") from exc
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigurationError(f"question bank {where}: {loc}: {first['msg']}") from exc
-    bank.version = hashlib.sha256(raw).hexdigest()[:12]
+    """Load and validate a question bank (default: the bundled one); its version is the file's sha256."""
+    bank, sha = load_yaml_model(QuestionBank, path, bundled=("flows.questions", DEFAULT_BANK), what="question bank")
+    bank.version = sha
     return bank
