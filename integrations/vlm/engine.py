@@ -193,9 +193,15 @@ class VlmEngine:
         with self._lock, torch.inference_mode():
             pre = self.processor(text=[prefix], images=[[image]], return_tensors="pt")
             suf = self.tokenizer(question + suffix_tpl, add_special_tokens=False, return_tensors="pt")
-            batch = {k: v for k, v in pre.items()}
-            batch["input_ids"] = torch.cat([pre["input_ids"], suf["input_ids"]], dim=1)
-            batch["attention_mask"] = torch.cat([pre["attention_mask"], suf["attention_mask"]], dim=1)
+            p_len, s_len = pre["input_ids"].shape[1], suf["input_ids"].shape[1]
+            batch = {}
+            for key, value in pre.items():
+                if key in ("input_ids", "attention_mask"):
+                    value = torch.cat([value, suf[key]], dim=1)
+                elif getattr(value, "dim", lambda: 0)() == 2 and value.shape[1] == p_len:
+                    # per-token fields of the prefix (e.g. mm_token_type_ids): suffix tokens are text, 0
+                    value = torch.cat([value, value.new_zeros((value.shape[0], s_len))], dim=1)
+                batch[key] = value
             batch = {k: v.to(self.device) for k, v in batch.items()}
             out = self.model(**batch, use_cache=False, logits_to_keep=1)
             return self._p_yes(out.logits[:, -1, :], temperature)[0]

@@ -20,6 +20,12 @@ TINY_MARKER = "nightread_tiny.json"
 # The real checkpoint each tiny family stands in for (documented in the README).
 STANDS_IN_FOR = {
     "smolvlm": "HuggingFaceTB/SmolVLM-256M-Instruct",
+    "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3",
+    "llava": "llava-hf/llava-1.5-7b-hf",
+    "qwen2_vl": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2_5_vl": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "gemma3": "google/medgemma-4b-it",
+    "ved": "nlpconnect/vit-gpt2-image-captioning",
 }
 
 _FINDINGS = [
@@ -231,8 +237,292 @@ def _build_smolvlm() -> tuple[Any, Any]:
     return model, proc
 
 
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] | trim }}{% endif %}"
+    "{% endfor %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def _build_idefics3() -> tuple[Any, Any]:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+
+    rowcol = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    tok = train_tokenizer(
+        [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<end_of_utterance>",
+            "<image>",
+            "<fake_token_around_image>",
+            "<global-img>",
+            *rowcol,
+        ],
+        bos="<|im_start|>",
+        eos="<end_of_utterance>",
+        pad="<|endoftext|>",
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+    )
+    cfg = Idefics3Config(
+        vision_config={**_VISION, "image_size": 32, "patch_size": 8},
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tok),
+            **_TEXT,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+        },
+        scale_factor=2,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )
+    ip = Idefics3ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
+    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=SMOLVLM_CHAT_TEMPLATE)
+    return Idefics3ForConditionalGeneration(cfg), proc
+
+
+def _build_llava() -> tuple[Any, Any]:
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = train_tokenizer(
+        ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
+        named={"image_token": "<image>"},
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        unk="<unk>",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(**_VISION, image_size=32, patch_size=8, projection_dim=32),
+        text_config=LlamaConfig(
+            vocab_size=len(tok),
+            **_TEXT,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_id=tok.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return LlavaForConditionalGeneration(cfg), proc
+
+
+def _build_qwen(v25: bool) -> tuple[Any, Any]:
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
+    tok = train_tokenizer(specials, eos="<|im_end|>", pad="<|endoftext|>", chat_template=QWEN_CHAT_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    text = {
+        "vocab_size": len(tok),
+        **_TEXT,
+        "bos_token_id": None,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+    }
+    common = {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+    sizes = {
+        "min_pixels": 56 * 56,
+        "max_pixels": 112 * 112,
+        "patch_size": 14,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    ip = Qwen2VLImageProcessor(**sizes)
+    vp = Qwen2VLVideoProcessor(**sizes)
+    if v25:
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+        from transformers import Qwen2_5_VLProcessor as Processor
+
+        vision = {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        }
+    else:
+        from transformers import Qwen2VLConfig as Config  # type: ignore[assignment]
+        from transformers import Qwen2VLForConditionalGeneration as Model  # type: ignore[assignment]
+        from transformers import Qwen2VLProcessor as Processor  # type: ignore[assignment]
+
+        vision = {
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": 64,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        }
+    cfg = Config(
+        text_config=text,
+        vision_config=vision,
+        **common,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    proc = Processor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_CHAT_TEMPLATE)
+    return Model(cfg), proc
+
+
+def _build_gemma3() -> tuple[Any, Any]:
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    tok = train_tokenizer(
+        [
+            "<pad>",
+            "<eos>",
+            "<bos>",
+            "<unk>",
+            "<start_of_turn>",
+            "<end_of_turn>",
+            "<start_of_image>",
+            "<end_of_image>",
+            "<image_soft_token>",
+        ],
+        named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+        bos="<bos>",
+        eos="<end_of_turn>",
+        pad="<pad>",
+        unk="<unk>",
+        chat_template=GEMMA_CHAT_TEMPLATE,
+    )
+    text = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=64,
+        max_position_embeddings=4096,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    cfg = Gemma3Config(
+        text_config=text,
+        vision_config=SiglipVisionConfig(**_VISION, image_size=32, patch_size=8),
+        mm_tokens_per_image=4,
+        boi_token_index=tok.boi_token_id,
+        eoi_token_index=tok.eoi_token_id,
+        image_token_index=tok.image_token_id,
+    )
+    ip = Gemma3ImageProcessor(size={"height": 32, "width": 32}, do_pan_and_scan=False)
+    proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=GEMMA_CHAT_TEMPLATE)
+    return Gemma3ForConditionalGeneration(cfg), proc
+
+
+def _build_ved() -> tuple[Any, Any]:
+    """ViT encoder + GPT-2 decoder: a captioner that cannot answer questions."""
+    from transformers import (
+        GPT2Config,
+        TrOCRProcessor,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+        ViTImageProcessor,
+    )
+
+    tok = train_tokenizer(["<|endoftext|>", "<pad>"], bos="<|endoftext|>", eos="<|endoftext|>", pad="<pad>")
+    enc = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    dec = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id = tok.bos_token_id
+    cfg.pad_token_id = tok.pad_token_id
+    cfg.eos_token_id = tok.eos_token_id
+    proc = TrOCRProcessor(image_processor=ViTImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    model = VisionEncoderDecoderModel(config=cfg)
+    model.generation_config.decoder_start_token_id = tok.bos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model, proc
+
+
 BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "smolvlm": _build_smolvlm,
+    "idefics3": _build_idefics3,
+    "llava": _build_llava,
+    "qwen2_vl": lambda: _build_qwen(False),
+    "qwen2_5_vl": lambda: _build_qwen(True),
+    "gemma3": _build_gemma3,
+    "ved": _build_ved,
 }
 
 

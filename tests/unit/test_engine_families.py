@@ -1,0 +1,82 @@
+"""Every supported architecture family, as a tiny random checkpoint built offline and loaded through the
+same Auto-class path a real checkpoint takes: load, caption, closed questions (prefix-shared scoring equal
+to a full forward), open questions. The captioner family (ViT + GPT-2) refuses questions clearly."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from integrations.errors import UnsupportedTask
+from integrations.ports import AnnotationRequest, ImageContext, Question
+from integrations.vlm import prompts
+from integrations.vlm.local import LocalAnnotator, resolve_checkpoint
+from integrations.vlm.tiny import STANDS_IN_FOR, build_tiny, families
+
+pytestmark = pytest.mark.slow
+CHAT_FAMILIES = [f for f in families() if f != "ved"]
+
+
+@pytest.fixture(scope="module", params=families())
+def family_model(request, tmp_path_factory):
+    folder = build_tiny(request.param, tmp_path_factory.mktemp("fam") / request.param)
+    resolved = resolve_checkpoint(
+        str(folder), revision=None, cache_dir=folder.parent, offline_fallback=False, tiny_family=request.param
+    )
+    return request.param, LocalAnnotator.from_checkpoint(resolved)
+
+
+def png(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_every_family_stands_in_for_a_real_checkpoint():
+    assert set(families()) == set(STANDS_IN_FOR)
+    assert {"smolvlm", "idefics3", "llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "ved"} <= set(families())
+
+
+def test_loads_and_captions(family_model):
+    family, annotator = family_model
+    assert annotator.model_info.options["family"] in (family, "vision-encoder-decoder", "smolvlm")
+    (result,) = annotator.annotate(
+        [AnnotationRequest(png(), ImageContext("DX", "CHEST", "PA"), caption_max_new_tokens=5)]
+    )
+    assert isinstance(result.caption, str)
+
+
+def test_closed_and_open_questions(family_model):
+    family, annotator = family_model
+    questions = (
+        Question("a", "Is there a pleural effusion?"),
+        Question("b", "Is there a pneumothorax?"),
+        Question("c", "What is shown?", kind="open", max_new_tokens=3),
+    )
+    request = AnnotationRequest(png(1), ImageContext("CT", "CHEST"), questions, caption=False)
+    if family == "ved":
+        with pytest.raises(UnsupportedTask, match="captions only"):
+            annotator.annotate([request])
+        return
+    (result,) = annotator.annotate([request])
+    assert [a.question_id for a in result.answers] == ["a", "b", "c"]
+    assert all(0.0 <= a.p_yes <= 1.0 for a in result.answers[:2])
+    assert result.answers[2].p_yes is None
+
+
+@pytest.mark.parametrize("family", CHAT_FAMILIES)
+def test_prefix_shared_scoring_matches_a_full_forward(family, tmp_path):
+    from integrations.vlm.engine import VlmEngine
+
+    engine = VlmEngine(build_tiny(family, tmp_path / family))
+    image = Image.open(io.BytesIO(png(2))).convert("RGB")
+    context = prompts.context_text(ImageContext("DX", "CHEST", "AP"))
+    questions = [
+        prompts.closed_question(q) for q in ("Is there a mass?", "Is the heart enlarged?", "Are there support devices?")
+    ]
+    shared, _ = engine.p_yes_shared(image, context, questions)
+    full = [engine.p_yes_full(image, context, q) for q in questions]
+    assert max(abs(a - b) for a, b in zip(shared, full, strict=True)) <= 1e-4
