@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: venv demo test lint clean bench-retrieval bench-triton
+.PHONY: venv demo test lint clean bench-retrieval bench-triton bench-engine
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ lint: venv
 # benchmarks print figures (ratios measured side by side in one run); they assert nothing
 bench-retrieval: venv
 	$(BIN)/python -m tests.bench.retrieval
+
+bench-engine: venv
+	$(BIN)/python -m tests.bench.engine
 
 bench-triton: venv
 	$(BIN)/python -m tests.bench.triton

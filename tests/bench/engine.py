@@ -1,0 +1,164 @@
+"""Closed questions by prefix-shared scoring vs one generate() per question, on a SmolVLM-256M-sized model.
+
+The model has SmolVLM-256M-Instruct's real dimensions (config only, random weights: nothing is
+downloaded) and is saved and loaded through the engine's own path. One 512×512 image, K questions,
+CPU, float32, image splitting off (one 512 px tile, 64 image tokens).
+
+P1: questions/s with prefix-shared scoring ÷ questions/s with one generate(max_new_tokens=8) each.
+P2: max |P(yes) shared − P(yes) from a full forward without cache|.
+Run: `make bench-engine`. Last line: `P1 ratio=<x> P2 maxdiff=<y>`. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from integrations.ports import ImageContext
+from integrations.vlm import prompts
+from integrations.vlm.engine import VlmEngine
+from integrations.vlm.tiny import SMOLVLM_CHAT_TEMPLATE, train_tokenizer
+
+QUESTIONS = [
+    "Is there a pleural effusion?",
+    "Is there a pneumothorax?",
+    "Is the heart enlarged?",
+    "Is there a lung consolidation?",
+    "Is there pulmonary edema?",
+    "Is there a lung nodule or mass?",
+    "Are there support devices?",
+    "Is there a rib fracture?",
+    "Is there atelectasis?",
+    "Is there emphysema?",
+]
+
+
+def build_smolvlm_256m(out: Path) -> Path:
+    """SmolVLM-256M-Instruct's architecture with random weights, and a tokenizer trained here."""
+    import torch
+    from transformers import (
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
+
+    torch.manual_seed(0)
+    rowcol = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    tok = train_tokenizer(
+        [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<end_of_utterance>",
+            "<image>",
+            "<fake_token_around_image>",
+            "<global-img>",
+            *rowcol,
+        ],
+        bos="<|im_start|>",
+        eos="<end_of_utterance>",
+        pad="<|endoftext|>",
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+        vocab_size=4096,
+    )
+    cfg = SmolVLMConfig(
+        vision_config={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "image_size": 512,
+            "patch_size": 16,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": 49280,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "max_position_embeddings": 8192,
+            "rope_theta": 100000.0,
+            "tie_word_embeddings": True,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+        },
+        scale_factor=4,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )
+    size = {"longest_edge": 512}
+    proc = SmolVLMProcessor(
+        image_processor=SmolVLMImageProcessor(size=size, max_image_size=size, do_image_splitting=False),
+        video_processor=SmolVLMVideoProcessor(size=size, max_image_size=size),
+        tokenizer=tok,
+        image_seq_len=64,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+    )
+    model = SmolVLMForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--questions", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    try:
+        t0 = time.perf_counter()
+        engine = VlmEngine(build_smolvlm_256m(work / "smolvlm-256m-random"))
+        params = sum(p.numel() for p in engine.model.parameters())
+        print(
+            f"model: SmolVLM-256M dimensions, {params / 1e6:.0f} M parameters, random weights, "
+            f"built and loaded in {time.perf_counter() - t0:.1f} s; {args.threads} threads, float32",
+            flush=True,
+        )
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8))
+        context = prompts.context_text(ImageContext("DX", "CHEST", "PA"))
+        questions = [prompts.closed_question(q) for q in (QUESTIONS * 4)[: args.questions]]
+        engine.p_yes_shared(image, context, questions[:2])  # warm-up
+
+        t0 = time.perf_counter()
+        for q in questions:
+            engine.generate(image, f"{context}\n{q}", max_new_tokens=8, min_new_tokens=8)
+        naive = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        shared, timings = engine.p_yes_shared(image, context, questions)
+        fast = time.perf_counter() - t0
+
+        full = [engine.p_yes_full(image, context, q) for q in questions]
+        maxdiff = max(abs(a - b) for a, b in zip(shared, full, strict=True))
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(
+            f"K={len(questions)}: one generate(8 tokens) per question {naive:.2f} s "
+            f"({len(questions) / naive:.2f} q/s); prefix-shared scoring {fast:.2f} s ({len(questions) / fast:.2f} q/s)"
+        )
+        print(
+            f"stages of the shared path: vision + prefix {timings['prefix_ms']:.0f} ms, "
+            f"K questions in one batched forward {timings['scoring_ms']:.0f} ms; peak RSS {peak_mb:.0f} MB"
+        )
+        print(f"P1 ratio={naive / fast:.1f} P2 maxdiff={maxdiff:.1e}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
