@@ -177,11 +177,19 @@ class VlmEngine:
                 s_len = suf["input_ids"].shape[1]
                 pos = torch.arange(p_len, p_len + s_len, device=self.device) + deltas.to(self.device).view(-1, 1)
                 extra["position_ids"] = pos.view(1, 1, s_len).expand(3, k, s_len)
-            o2 = self.model(
-                input_ids=suf["input_ids"], attention_mask=attn, past_key_values=cache, use_cache=True, **extra
-            )
+            # only each row's last real token needs the LM head: keep the (few) distinct last positions
+            # instead of projecting K × S hidden states onto the whole vocabulary
             last = suf["attention_mask"].sum(1) - 1
-            logits = o2.logits[torch.arange(k, device=self.device), last]
+            keep = torch.unique(last)
+            o2 = self.model(
+                input_ids=suf["input_ids"],
+                attention_mask=attn,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=keep,
+                **extra,
+            )
+            logits = o2.logits[torch.arange(k, device=self.device), torch.searchsorted(keep, last)]
             probs = self._p_yes(logits, temperature)
             timings["scoring_ms"] = (time.perf_counter() - t1) * 1000
         return probs, timings

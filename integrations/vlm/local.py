@@ -151,7 +151,7 @@ class LocalAnnotator:
         if closed:
             probs, t = self.engine.p_yes_shared(
                 image,
-                prompts.context_text(request.context),
+                prompts.closed_prefix(request.context),
                 [prompts.closed_question(q.text) for q in closed],
                 temperature=self.temperature,
             )

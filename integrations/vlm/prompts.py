@@ -29,7 +29,10 @@ _VIEWS = {
 TEMPLATES = {
     "context": "This is a {what}{of_part}{view}.",
     "caption": "{context} Describe the findings in one or two sentences.",
-    "closed": "{question} Answer yes or no.",
+    # the instruction sits in the prefix shared by all closed questions of an image: the per-question
+    # suffix is only the question itself, so scoring K questions runs the fewest tokens
+    "closed_prefix": "{context} Answer the question with yes or no.",
+    "closed": "{question}",
     "open": "{question} Answer briefly.",
 }
 PROMPT_VERSION = "p1-" + hashlib.sha256(json.dumps(TEMPLATES, sort_keys=True).encode()).hexdigest()[:8]
@@ -47,6 +50,10 @@ def context_text(ctx: ImageContext) -> str:
 
 def caption_prompt(ctx: ImageContext) -> str:
     return TEMPLATES["caption"].format(context=context_text(ctx))
+
+
+def closed_prefix(ctx: ImageContext) -> str:
+    return TEMPLATES["closed_prefix"].format(context=context_text(ctx))
 
 
 def closed_question(text: str) -> str:

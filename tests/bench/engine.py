@@ -131,7 +131,7 @@ def main() -> None:
             flush=True,
         )
         image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8))
-        context = prompts.context_text(ImageContext("DX", "CHEST", "PA"))
+        context = prompts.closed_prefix(ImageContext("DX", "CHEST", "PA"))
         questions = [prompts.closed_question(q) for q in (QUESTIONS * 4)[: args.questions]]
         engine.p_yes_shared(image, context, questions[:2])  # warm-up
 
