@@ -177,61 +177,65 @@ def train_tokenizer(
     return hf
 
 
-def _build_smolvlm() -> tuple[Any, Any]:
-    from transformers import (
-        SmolVLMConfig,
-        SmolVLMForConditionalGeneration,
-        SmolVLMImageProcessor,
-        SmolVLMProcessor,
-        SmolVLMVideoProcessor,
-    )
-
+def smolvlm_tokenizer(vocab_size: int = 1024) -> Any:
+    """The special tokens, roles and chat template of SmolVLM / Idefics3, with a BPE trained here."""
     rowcol = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-    tok = train_tokenizer(
-        [
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<end_of_utterance>",
-            "<image>",
-            "<fake_token_around_image>",
-            "<global-img>",
-            *rowcol,
-        ],
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<end_of_utterance>",
+        "<image>",
+        "<fake_token_around_image>",
+        "<global-img>",
+        *rowcol,
+    ]
+    return train_tokenizer(
+        specials,
         bos="<|im_start|>",
         eos="<end_of_utterance>",
         pad="<|endoftext|>",
         chat_template=SMOLVLM_CHAT_TEMPLATE,
+        vocab_size=vocab_size,
     )
-    cfg = SmolVLMConfig(
+
+
+def smolvlm_text_config(tok: Any, **dims: Any) -> dict[str, Any]:
+    return {
+        "model_type": "llama",
+        "vocab_size": len(tok),
+        **dims,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
+
+
+def _build_idefics3_style(kind: str) -> tuple[Any, Any]:
+    """SmolVLM and Idefics3 share an architecture; SmolVLM's processor adds a video processor."""
+    import transformers
+
+    prefix = "SmolVLM" if kind == "smolvlm" else "Idefics3"
+    config_cls, model_cls, image_cls, processor_cls = (
+        getattr(transformers, f"{prefix}{suffix}")
+        for suffix in ("Config", "ForConditionalGeneration", "ImageProcessor", "Processor")
+    )
+    tok = smolvlm_tokenizer()
+    cfg = config_cls(
         vision_config={**_VISION, "image_size": 32, "patch_size": 8},
-        text_config={
-            "model_type": "llama",
-            "vocab_size": len(tok),
-            **_TEXT,
-            "pad_token_id": tok.pad_token_id,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-        },
+        text_config=smolvlm_text_config(tok, **_TEXT),
         scale_factor=2,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
     )
-    image_processor = SmolVLMImageProcessor(
-        size={"longest_edge": 64},
-        max_image_size={"longest_edge": 32},
-        do_image_splitting=True,
-    )
-    video_processor = SmolVLMVideoProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
-    proc = SmolVLMProcessor(
-        image_processor=image_processor,
+    sizes = {"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}}
+    extra = {"video_processor": transformers.SmolVLMVideoProcessor(**sizes)} if kind == "smolvlm" else {}
+    proc = processor_cls(
+        image_processor=image_cls(**sizes, do_image_splitting=True),
         tokenizer=tok,
-        video_processor=video_processor,
         image_seq_len=4,
         chat_template=SMOLVLM_CHAT_TEMPLATE,
+        **extra,
     )
-    model = SmolVLMForConditionalGeneration(cfg)
+    model = model_cls(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, proc
@@ -258,43 +262,6 @@ GEMMA_CHAT_TEMPLATE = (
     "{% if c['type'] == 'image' %}<start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] | trim }}{% endif %}"
     "{% endfor %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-
-
-def _build_idefics3() -> tuple[Any, Any]:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
-
-    rowcol = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-    tok = train_tokenizer(
-        [
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<end_of_utterance>",
-            "<image>",
-            "<fake_token_around_image>",
-            "<global-img>",
-            *rowcol,
-        ],
-        bos="<|im_start|>",
-        eos="<end_of_utterance>",
-        pad="<|endoftext|>",
-        chat_template=SMOLVLM_CHAT_TEMPLATE,
-    )
-    cfg = Idefics3Config(
-        vision_config={**_VISION, "image_size": 32, "patch_size": 8},
-        text_config={
-            "model_type": "llama",
-            "vocab_size": len(tok),
-            **_TEXT,
-            "pad_token_id": tok.pad_token_id,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-        },
-        scale_factor=2,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-    )
-    ip = Idefics3ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
-    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=SMOLVLM_CHAT_TEMPLATE)
-    return Idefics3ForConditionalGeneration(cfg), proc
 
 
 def _build_llava() -> tuple[Any, Any]:
@@ -516,8 +483,8 @@ def _build_ved() -> tuple[Any, Any]:
 
 
 BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
-    "smolvlm": _build_smolvlm,
-    "idefics3": _build_idefics3,
+    "smolvlm": lambda: _build_idefics3_style("smolvlm"),
+    "idefics3": lambda: _build_idefics3_style("idefics3"),
     "llava": _build_llava,
     "qwen2_vl": lambda: _build_qwen(False),
     "qwen2_5_vl": lambda: _build_qwen(True),

@@ -24,7 +24,7 @@ from PIL import Image
 from integrations.ports import ImageContext
 from integrations.vlm import prompts
 from integrations.vlm.engine import VlmEngine
-from integrations.vlm.tiny import SMOLVLM_CHAT_TEMPLATE, train_tokenizer
+from integrations.vlm.tiny import SMOLVLM_CHAT_TEMPLATE, smolvlm_text_config, smolvlm_tokenizer
 
 QUESTIONS = [
     "Is there a pleural effusion?",
@@ -52,23 +52,7 @@ def build_smolvlm_256m(out: Path) -> Path:
     )
 
     torch.manual_seed(0)
-    rowcol = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-    tok = train_tokenizer(
-        [
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<end_of_utterance>",
-            "<image>",
-            "<fake_token_around_image>",
-            "<global-img>",
-            *rowcol,
-        ],
-        bos="<|im_start|>",
-        eos="<end_of_utterance>",
-        pad="<|endoftext|>",
-        chat_template=SMOLVLM_CHAT_TEMPLATE,
-        vocab_size=4096,
-    )
+    tok = smolvlm_tokenizer(vocab_size=4096)
     cfg = SmolVLMConfig(
         vision_config={
             "hidden_size": 768,
@@ -79,19 +63,18 @@ def build_smolvlm_256m(out: Path) -> Path:
             "patch_size": 16,
         },
         text_config={
-            "model_type": "llama",
+            **smolvlm_text_config(
+                tok,
+                hidden_size=576,
+                intermediate_size=1536,
+                num_hidden_layers=30,
+                num_attention_heads=9,
+                num_key_value_heads=3,
+                max_position_embeddings=8192,
+                rope_theta=100000.0,
+                tie_word_embeddings=True,
+            ),
             "vocab_size": 49280,
-            "hidden_size": 576,
-            "intermediate_size": 1536,
-            "num_hidden_layers": 30,
-            "num_attention_heads": 9,
-            "num_key_value_heads": 3,
-            "max_position_embeddings": 8192,
-            "rope_theta": 100000.0,
-            "tie_word_embeddings": True,
-            "pad_token_id": tok.pad_token_id,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
         },
         scale_factor=4,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
