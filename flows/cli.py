@@ -505,19 +505,21 @@ def triton_serve(
             metrics_port=t.metrics_port,
             env=env,
         )
-        with console.status("starting tritonserver and loading the model"):
-            server.start()
     except NightreadError as exc:
         raise _fail(str(exc)) from None
-    console.print(
-        f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics "
-        f"127.0.0.1:{t.metrics_port}; log {server.log_path}; Ctrl-C stops"
-    )
     try:
+        with console.status("starting tritonserver and loading the model"):
+            server.start()
+        console.print(
+            f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics "
+            f"127.0.0.1:{t.metrics_port}; log {server.log_path}; Ctrl-C stops"
+        )
         while server.proc is not None and server.proc.poll() is None:
             threading.Event().wait(1)  # until Ctrl-C or the server exits
     except KeyboardInterrupt:
-        pass
+        pass  # Ctrl-C, also while the model loads: stop the server below
+    except NightreadError as exc:
+        raise _fail(str(exc)) from None
     finally:
         server.stop()
 

@@ -145,3 +145,69 @@ def test_sources_add_list_disable(tmp_path):
     bad = run("sources", "add", "y", "--retrieve", "teleport", env=env)
     assert bad.returncode == 2
     assert "retrieve" in bad.stderr
+
+
+def _serve(args: list[str], env: dict[str, str], ready, timeout: float = 120.0) -> None:
+    """Start a long-running `nightread` command, poll `ready()` until it answers, then stop it with Ctrl-C."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [NIGHTREAD, *args], env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                if ready():
+                    break
+            except Exception:
+                pass
+            time.sleep(0.1)  # polling interval
+        else:
+            pytest.fail(f"{args} never became ready")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+
+
+def test_sample_pacs_command_answers_echo_and_find(tmp_path):
+    from integrations.pacs import DimseStudySource
+    from tests.services import free_port
+
+    port = free_port()
+    src = DimseStudySource(name="s", host="127.0.0.1", port=port, called_ae="SAMPLEPACS", timeout_s=2)
+    found = []
+
+    def ready() -> bool:
+        src.echo()
+        found.extend(src.find_studies(since=None))
+        return True
+
+    _serve(["sample-pacs", "--port", str(port)], {}, ready)
+    assert len(found) == 5
+
+
+@pytest.mark.integration
+def test_triton_serve_command(tmp_path, tiny_model):
+    pytest.importorskip("pytriton")
+    import urllib.request
+
+    from tests.services import REPO, free_port
+
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    env = {
+        "NIGHTREAD_DATA_DIR": str(tmp_path),
+        "NIGHTREAD_TRITON__HTTP_PORT": str(http),
+        "NIGHTREAD_TRITON__GRPC_PORT": str(grpc),
+        "NIGHTREAD_TRITON__METRICS_PORT": str(metrics),
+        "NIGHTREAD_TRITON__REPOSITORY": str(REPO / "deploy" / "triton" / "model_repository"),
+    }
+
+    def ready() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/nightread_vlm/ready", timeout=2) as r:
+            return r.status == 200
+
+    _serve(["triton", "serve", "--model", str(tiny_model)], env, ready, timeout=300)

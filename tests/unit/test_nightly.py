@@ -159,3 +159,16 @@ def test_incomplete_study_is_retried_then_recorded_as_failed(prefect_harness, ma
     assert (study.status, study.attempts, failure.attempts) == ("failed", 2, 2)
     assert run_nightly(s)["pending"] == 0
     engine.dispose()
+
+
+def test_only_transient_errors_are_retried():
+    from prefect.states import Failed
+
+    from flows.annotate import _transient_only
+    from integrations.errors import DecodeError, PeerRefused, RetrievalIncomplete, TransientError
+
+    assert _transient_only(None, None, Failed(data=TransientError("busy")))
+    assert _transient_only(None, None, Failed(data=RetrievalIncomplete(expected=3, received=2)))
+    assert not _transient_only(None, None, Failed(data=PeerRefused("no")))
+    assert not _transient_only(None, None, Failed(data=DecodeError("bad pixels")))
+    assert not _transient_only(None, None, Failed(data=ValueError("a bug")))
