@@ -524,6 +524,123 @@ def triton_serve(
         server.stop()
 
 
+rules_app = typer.Typer(help="Series and view selection rules.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+
+INSPECT_TAGS = (
+    "SOPClassUID",
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "PatientPosition",
+    "ImageType",
+    "SeriesDescription",
+    "PhotometricInterpretation",
+    "SamplesPerPixel",
+    "PlanarConfiguration",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "SliceThickness",
+)
+IDENTIFYING_TAGS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "StudyDate",
+)
+
+
+@rules_app.command("check")
+def rules_check(file: Annotated[Path, typer.Argument(help="rules YAML")]) -> None:
+    """Validate a selection rules file; print its rules, or the field that is wrong."""
+    from flows.selection import load_rules
+    from integrations.errors import ConfigurationError
+
+    try:
+        rules = load_rules(file)
+    except ConfigurationError as exc:
+        raise _fail(str(exc), 2) from None
+    for rule in rules.rules:
+        what = rule.reason if rule.action == "skip" else (f"{rule.count} per series" if rule.count else "")
+        console.print(f"{rule.name}: {rule.action} {what}".rstrip())
+    console.print(f"{file}: {len(rules.rules)} rules, valid (sha {rules.sha})")
+
+
+@app.command()
+def render(
+    source: Annotated[Path, typer.Argument(help="a DICOM file")],
+    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("out.png"),
+    frame: Annotated[int | None, typer.Option(help="frame of a multi-frame image (default: the flows' choice)")] = None,
+) -> None:
+    """Render one file through exactly the pipeline the flows use, and say what happened."""
+    from flows.selection import load_rules, select
+    from integrations.errors import DecodeError
+    from integrations.imaging import frames_of, read_instance_info
+    from integrations.imaging import render as render_image
+
+    settings = _settings()
+    try:
+        info = read_instance_info(source)
+    except DecodeError as exc:
+        raise _fail(f"failed (read): {exc}") from None
+    (decision,) = select([info], load_rules(settings.rules_file))
+    chosen = frame if frame is not None else frames_of(info)[0]
+    try:
+        rendered = render_image(source, frame=chosen, max_long_edge=settings.render.max_long_edge)
+    except DecodeError as exc:
+        raise _fail(f"failed (render): {exc}") from None
+    out.write_bytes(rendered.png)
+    console.print(
+        f"rendered {out} ({rendered.width}x{rendered.height}, frame {chosen}, render version "
+        f"{rendered.render_version}): {' → '.join(rendered.steps)}"
+    )
+    console.print(
+        f"selection: {'selected' if decision.selected else 'skipped'} by rule {decision.rule!r} ({decision.reason})"
+    )
+
+
+@app.command()
+def inspect(
+    source: Annotated[Path, typer.Argument(help="a DICOM file")],
+    show_identifiers: Annotated[bool, typer.Option(help="also print patient and study identifiers")] = False,
+) -> None:
+    """The tags that drive selection and rendering (no identifiers unless --show-identifiers)."""
+    from pydicom import dcmread
+    from pydicom.uid import UID
+
+    try:
+        ds = dcmread(source, force=True, defer_size="4 KB")
+    except Exception as exc:
+        raise _fail(f"cannot read {source}: {type(exc).__name__}") from None
+    table = Table(title=str(source.name), show_header=False)
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    table.add_row("TransferSyntaxUID", f"{UID(ts).name} ({ts})" if ts else "(none: no file meta)")
+    for keyword in INSPECT_TAGS + (IDENTIFYING_TAGS if show_identifiers else ()):
+        if keyword in ds:
+            value = ds.get(keyword)
+            text = UID(str(value)).name if keyword == "SOPClassUID" else str(value)
+            table.add_row(keyword, text)
+    for keyword in ("VOILUTSequence", "ModalityLUTSequence", "PixelData"):
+        table.add_row(keyword, "present" if keyword in ds else "absent")
+    console.print(table)
+
+
 @model_app.command("tiny")
 def model_tiny(
     family: Annotated[str, typer.Option(help="architecture family")] = "smolvlm",

@@ -211,3 +211,40 @@ def test_triton_serve_command(tmp_path, tiny_model):
             return r.status == 200
 
     _serve(["triton", "serve", "--model", str(tiny_model)], env, ready, timeout=300)
+
+
+def test_render_and_inspect_a_file_through_the_flows_pipeline(tmp_path):
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    from integrations.imaging import png_to_array
+
+    source = get_testdata_file("CT_small.dcm")
+    out = tmp_path / "ct.png"
+    r = run("render", source, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "render version r1-512" in r.stdout.replace("\n", " ")
+    assert "selected by rule 'ct-representative'" in r.stdout.replace("\n", " ")
+    assert png_to_array(out.read_bytes()).shape == (128, 128, 3)
+    name = str(dcmread(source).PatientName)
+    shown = run("inspect", source)
+    assert shown.returncode == 0
+    assert "CT Image Storage" in shown.stdout
+    assert name not in shown.stdout, "no identifiers by default"
+    assert name in run("inspect", source, "--show-identifiers").stdout
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom")
+    bad = run("render", str(junk), "--out", str(tmp_path / "j.png"))
+    assert bad.returncode == 1
+    assert "failed" in bad.stderr
+
+
+def test_rules_check(tmp_path):
+    good = run("rules", "check", str(Path(__file__).resolve().parents[2] / "flows" / "selection.yaml"))
+    assert good.returncode == 0
+    assert "7 rules, valid" in good.stdout
+    bad_file = tmp_path / "rules.yaml"
+    bad_file.write_text("rules: [{name: x, action: skip}]\n")
+    bad = run("rules", "check", str(bad_file))
+    assert bad.returncode == 2
+    assert "needs a reason" in bad.stderr.replace("\n", " ")
