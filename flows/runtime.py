@@ -85,7 +85,7 @@ def build_annotator(settings: NightreadSettings) -> tuple[Annotator, str]:
         import torch
 
         torch.set_num_threads(inf.threads)
-    from integrations.vlm.engine import EngineOptions
+    from integrations.vlm.engine import EngineOptions, remote_code_allowed
     from integrations.vlm.local import LocalAnnotator, resolve_checkpoint
 
     resolved = resolve_checkpoint(
@@ -96,7 +96,13 @@ def build_annotator(settings: NightreadSettings) -> tuple[Annotator, str]:
         tiny_family=inf.tiny_family,
         hub_timeout_s=inf.hub_timeout_s,
     )
-    annotator = LocalAnnotator.from_checkpoint(resolved, options=EngineOptions(dtype=inf.dtype, device=inf.device))
+    options = EngineOptions(
+        dtype=inf.dtype,
+        device=inf.device,
+        adapter=inf.adapter,
+        trust_remote_code=remote_code_allowed(inf.model, inf.trust_remote_code_for),
+    )
+    annotator = LocalAnnotator.from_checkpoint(resolved, options=options)
     return annotator, resolved.note
 
 

@@ -93,6 +93,10 @@ class InferenceSettings(BaseModel):
         description="when the model cannot be loaded, build and use a tiny random model of the same family",
     )
     tiny_family: str = "smolvlm"
+    adapter: str | None = Field(default=None, description="PEFT LoRA adapter on top of the model, merged")
+    trust_remote_code_for: list[str] = Field(
+        default_factory=list, description="checkpoints allowed to run their own code (JSON list; default none)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     caption_max_new_tokens: int = Field(default=48, ge=1, le=1024)

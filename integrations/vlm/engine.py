@@ -33,6 +33,7 @@ class EngineOptions:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     trust_remote_code: bool = False
+    adapter: str | None = None  # a PEFT LoRA adapter (folder or hub id), merged into the base for inference
 
 
 def _torch() -> Any:
@@ -84,6 +85,8 @@ class VlmEngine:
             self.model = VisionEncoderDecoderModel.from_pretrained(self.checkpoint, dtype=self.dtype, **kwargs)
         else:
             self.model = AutoModelForImageTextToText.from_pretrained(self.checkpoint, dtype=self.dtype, **kwargs)
+        if options.adapter:
+            self.model = _merge_adapter(self.model, options.adapter)
         self.model.to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(self.checkpoint, **kwargs)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -220,6 +223,23 @@ class VlmEngine:
         ly = torch.logsumexp(lp[:, self.yes_ids], dim=-1)
         ln = torch.logsumexp(lp[:, self.no_ids], dim=-1)
         return [float(p) for p in torch.sigmoid((ly - ln) / max(temperature, 1e-6)).tolist()]
+
+
+def _merge_adapter(model: Any, adapter: str) -> Any:
+    """Apply a PEFT LoRA adapter and merge it into the base weights (no adapter overhead at inference)."""
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise ConfigurationError("a LoRA adapter needs peft: pip install 'nightread[inference]'") from exc
+    try:
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"adapter {adapter!r} cannot be applied: {type(exc).__name__}: {exc}") from exc
+
+
+def remote_code_allowed(model: str, allow_list: list[str]) -> bool:
+    """trust_remote_code only for checkpoints named in an explicit allow-list (never by default)."""
+    return model in allow_list
 
 
 def _printable(text: str) -> str:

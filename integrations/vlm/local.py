@@ -110,6 +110,7 @@ class LocalAnnotator:
                 "dtype": str(engine.dtype).removeprefix("torch."),
                 "family": engine.family,
                 "prompt_version": prompts.PROMPT_VERSION,
+                **({"adapter": engine.options.adapter} if engine.options.adapter else {}),
             },
             offline_stand_in=offline_stand_in,
         )

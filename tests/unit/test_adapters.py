@@ -1,0 +1,68 @@
+"""PEFT LoRA adapters on a base checkpoint (merged for inference), and the trust_remote_code allow-list."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from integrations.errors import ConfigurationError
+from integrations.ports import AnnotationRequest, ImageContext, Question
+from integrations.vlm.engine import EngineOptions, VlmEngine, remote_code_allowed
+from integrations.vlm.local import LocalAnnotator, resolve_checkpoint
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tmp_path_factory, tiny_model):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:  # LoRA starts as a no-op (B = 0): make this one change the model
+                param.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter") / "lora"
+    peft_model.save_pretrained(out)
+    return out
+
+
+def png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_adapter_is_merged_and_recorded(tiny_model, lora_adapter):
+    resolved = resolve_checkpoint(
+        str(tiny_model), revision=None, cache_dir=tiny_model.parent, offline_fallback=False, tiny_family="smolvlm"
+    )
+    base = LocalAnnotator(VlmEngine(tiny_model), name=resolved.name, revision=resolved.revision)
+    tuned = LocalAnnotator(
+        VlmEngine(tiny_model, options=EngineOptions(adapter=str(lora_adapter))),
+        name=resolved.name,
+        revision=resolved.revision,
+    )
+    request = AnnotationRequest(png(), ImageContext("DX", "CHEST"), (Question("q", "Is there a mass?"),), caption=False)
+    (a,) = base.annotate([request])
+    (b,) = tuned.annotate([request])
+    assert a.answers[0].p_yes != pytest.approx(b.answers[0].p_yes, abs=1e-6)
+    assert tuned.model_info.options["adapter"] == str(lora_adapter)
+    assert "adapter" not in base.model_info.options
+    assert not any("lora" in name for name, _ in tuned.engine.model.named_parameters()), "merged, not wrapped"
+
+
+def test_a_missing_adapter_is_a_clear_error(tiny_model, tmp_path):
+    with pytest.raises(ConfigurationError, match="cannot be applied"):
+        VlmEngine(tiny_model, options=EngineOptions(adapter=str(tmp_path / "no-adapter")))
+
+
+def test_remote_code_only_for_allow_listed_checkpoints():
+    assert not remote_code_allowed("org/custom-vlm", [])
+    assert not remote_code_allowed("org/custom-vlm", ["org/other"])
+    assert remote_code_allowed("org/custom-vlm", ["org/custom-vlm"])
