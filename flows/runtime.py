@@ -100,6 +100,7 @@ def build_annotator(settings: NightreadSettings) -> tuple[Annotator, str]:
         dtype=inf.dtype,
         device=inf.device,
         adapter=inf.adapter,
+        engine=inf.engine,
         trust_remote_code=remote_code_allowed(inf.model, inf.trust_remote_code_for),
     )
     annotator = LocalAnnotator.from_checkpoint(resolved, options=options)

@@ -94,6 +94,7 @@ class InferenceSettings(BaseModel):
     )
     tiny_family: str = "smolvlm"
     adapter: str | None = Field(default=None, description="PEFT LoRA adapter on top of the model, merged")
+    engine: str = Field(default="transformers", description="or an installed `nightread.engines` plugin")
     trust_remote_code_for: list[str] = Field(
         default_factory=list, description="checkpoints allowed to run their own code (JSON list; default none)"
     )

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from integrations.errors import ConfigurationError, UnsupportedTask
 
@@ -34,6 +34,37 @@ class EngineOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     trust_remote_code: bool = False
     adapter: str | None = None  # a PEFT LoRA adapter (folder or hub id), merged into the base for inference
+    engine: str = "transformers"  # or the name of a `nightread.engines` entry point (a plugin)
+
+
+ENGINE_ENTRY_POINTS = "nightread.engines"
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What an engine plugin provides (entry-point group `nightread.engines`).
+
+    A plugin's entry point is a callable `load(checkpoint: str, options: EngineOptions) -> Engine`.
+    Raise `UnsupportedTask` from `p_yes_shared` if the architecture cannot answer questions.
+    """
+
+    family: str
+    captions_only: bool
+    dtype: Any
+    options: EngineOptions
+
+    def generate(self, image: Any, prompt: str, *, max_new_tokens: int, min_new_tokens: int = 0) -> str: ...
+
+    def p_yes_shared(
+        self, image: Any, context: str, questions: Sequence[str], *, temperature: float = 1.0
+    ) -> tuple[list[float], dict[str, float]]: ...
+
+
+def engine_plugins() -> dict[str, Any]:
+    """Installed engine plugins by name."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENGINE_ENTRY_POINTS)}
 
 
 def _torch() -> Any:
@@ -246,20 +277,30 @@ def _printable(text: str) -> str:
     return "".join(ch for ch in text if ch.isprintable()).strip()
 
 
-_ENGINES: dict[tuple[str, str | None, EngineOptions], VlmEngine] = {}
+_ENGINES: dict[tuple[str, str | None, EngineOptions], Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
 def load_engine(
     checkpoint: str | Path, *, options: EngineOptions = EngineOptions(), revision: str | None = None
-) -> VlmEngine:
-    """The engine for a checkpoint, loaded once per process."""
+) -> Engine:
+    """The engine for a checkpoint, loaded once per process: nightread's transformers engine, or the
+    plugin named by `options.engine`."""
     key = (str(checkpoint), revision, options)
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
             t0 = time.perf_counter()
-            engine = VlmEngine(checkpoint, options=options, revision=revision)
-            log.info("loaded %s (%s) in %.1f s", engine.family, engine.device, time.perf_counter() - t0)
+            if options.engine == "transformers":
+                engine = VlmEngine(checkpoint, options=options, revision=revision)
+            else:
+                plugins = engine_plugins()
+                if options.engine not in plugins:
+                    known = ", ".join(sorted(plugins)) or "none installed"
+                    raise ConfigurationError(f"no engine plugin {options.engine!r} ({ENGINE_ENTRY_POINTS}: {known})")
+                engine = plugins[options.engine].load()(str(checkpoint), options)
+                if not isinstance(engine, Engine):
+                    raise ConfigurationError(f"engine plugin {options.engine!r} does not provide the Engine protocol")
+            log.info("loaded %s (%s) in %.1f s", engine.family, options.engine, time.perf_counter() - t0)
             _ENGINES[key] = engine
         return engine

@@ -13,7 +13,7 @@ from pathlib import Path
 from integrations.errors import ConfigurationError
 from integrations.ports import AnnotationRequest, AnnotationResult, Answer, ModelInfo
 from integrations.vlm import prompts
-from integrations.vlm.engine import EngineOptions, VlmEngine, load_engine
+from integrations.vlm.engine import Engine, EngineOptions, load_engine
 from integrations.vlm.tiny import build_tiny, tiny_info
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class LocalAnnotator:
     backend = "local"
 
     def __init__(
-        self, engine: VlmEngine, *, name: str, revision: str, offline_stand_in: bool = False, temperature: float = 1.0
+        self, engine: Engine, *, name: str, revision: str, offline_stand_in: bool = False, temperature: float = 1.0
     ) -> None:
         self.engine = engine
         self.temperature = temperature
