@@ -91,6 +91,7 @@ class Question:
     flag_threshold: float | None = None
     critical: bool = False
     max_new_tokens: int = 24
+    prompt: str | None = None  # overrides how the question is put to the model (the bank's choice)
 
 
 @dataclass(frozen=True)

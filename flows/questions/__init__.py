@@ -23,6 +23,9 @@ class QuestionSpec(BaseModel):
     flag_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     critical: bool = False
     max_new_tokens: int = Field(default=24, ge=1, le=512)
+    prompt: str | None = Field(
+        default=None, min_length=3, max_length=1000, description="how to put the question to the model, if not `text`"
+    )
 
     @field_validator("modalities", "body_parts")
     @classmethod
@@ -48,6 +51,7 @@ class QuestionSpec(BaseModel):
             flag_threshold=self.flag_threshold,
             critical=self.critical,
             max_new_tokens=self.max_new_tokens,
+            prompt=self.prompt,
         )
 
 

@@ -161,24 +161,31 @@ class VlmEngine:
     # --- tasks -----------------------------------------------------------------------------------------
     def generate(self, image: Any, prompt: str, *, max_new_tokens: int, min_new_tokens: int = 0) -> str:
         """Greedy generation for a caption or an open question (`prompt` is the user's text)."""
+        return self.generate_batch([image], [prompt], max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)[0]
+
+    def generate_batch(
+        self, images: Sequence[Any], prompts: Sequence[str], *, max_new_tokens: int, min_new_tokens: int = 0
+    ) -> list[str]:
+        """Greedy generation for several images in one call (left-padded), e.g. the captions of a batch."""
         torch = self._torch
         with self._lock, torch.inference_mode():
             if self.captions_only:
-                pixel_values = self.processor(images=image, return_tensors="pt").pixel_values
+                pixel_values = self.processor(images=list(images), return_tensors="pt").pixel_values
                 out = self.model.generate(
                     pixel_values.to(self.device, self.dtype),
                     max_new_tokens=max_new_tokens,
                     min_new_tokens=min_new_tokens,
                     do_sample=False,
                 )
-                return _printable(str(self.processor.batch_decode(out, skip_special_tokens=True)[0]))
-            inputs = self._inputs([self._chat(prompt)], [image])
+                return [_printable(str(t)) for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+            inputs = self._inputs([self._chat(p) for p in prompts], list(images))
             out = self.model.generate(
                 **inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False
             )
             new = out[:, inputs["input_ids"].shape[1] :]
-            text = str(self.processor.batch_decode(new, skip_special_tokens=True)[0])
-            return _printable(text.split("\n")[0])
+            return [
+                _printable(str(t).split("\n")[0]) for t in self.processor.batch_decode(new, skip_special_tokens=True)
+            ]
 
     def p_yes_shared(
         self, image: Any, context: str, questions: Sequence[str], *, temperature: float = 1.0

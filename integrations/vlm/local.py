@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from integrations.errors import ConfigurationError
 from integrations.ports import AnnotationRequest, AnnotationResult, Answer, ModelInfo
@@ -133,40 +134,61 @@ class LocalAnnotator:
         return self._info
 
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[AnnotationResult]:
-        return [self._one(r) for r in requests]
-
-    def _one(self, request: AnnotationRequest) -> AnnotationResult:
+        """Captions for all `requests` in batched engine calls; questions per image (prefix-shared)."""
         from PIL import Image as PILImage
 
-        image = PILImage.open(io.BytesIO(request.image_png)).convert("RGB")
-        timings: dict[str, float] = {}
-        caption = None
-        if request.caption:
+        images = [PILImage.open(io.BytesIO(r.image_png)).convert("RGB") for r in requests]
+        captions = self._captions(requests, images)
+        return [self._one(r, image, captions.get(i)) for i, (r, image) in enumerate(zip(requests, images, strict=True))]
+
+    def _captions(self, requests: Sequence[AnnotationRequest], images: list[Any]) -> dict[int, tuple[str, float]]:
+        by_cap: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            if r.caption:
+                by_cap.setdefault(r.caption_max_new_tokens, []).append(i)
+        batch = getattr(self.engine, "generate_batch", None)  # plugins may offer one image at a time only
+        out: dict[int, tuple[str, float]] = {}
+        for max_new_tokens, indices in by_cap.items():
             t0 = time.perf_counter()
-            caption = self.engine.generate(
-                image, prompts.caption_prompt(request.context), max_new_tokens=request.caption_max_new_tokens
-            )
-            timings["caption_ms"] = (time.perf_counter() - t0) * 1000
+            texts_prompts = [prompts.caption_prompt(requests[i].context) for i in indices]
+            if batch is not None:
+                texts = batch([images[i] for i in indices], texts_prompts, max_new_tokens=max_new_tokens)
+            else:
+                texts = [
+                    self.engine.generate(images[i], p, max_new_tokens=max_new_tokens)
+                    for i, p in zip(indices, texts_prompts, strict=True)
+                ]
+            per_image_ms = (time.perf_counter() - t0) * 1000 / len(indices)
+            out.update({i: (text, per_image_ms) for i, text in zip(indices, texts, strict=True)})
+        return out
+
+    def _one(self, request: AnnotationRequest, image: Any, caption: tuple[str, float] | None) -> AnnotationResult:
+        timings: dict[str, float] = {}
+        if caption is not None:
+            timings["caption_ms"] = caption[1]
+        answers: dict[str, Answer] = {}
         closed = [q for q in request.questions if q.kind == "closed"]
-        answers: list[Answer] = []
         if closed:
             probs, t = self.engine.p_yes_shared(
                 image,
                 prompts.closed_prefix(request.context),
-                [prompts.closed_question(q.text) for q in closed],
+                [prompts.closed_question(q.prompt or q.text) for q in closed],
                 temperature=self.temperature,
             )
             timings.update(t)
-            answers += [Answer(q.id, "yes" if p >= 0.5 else "no", p) for q, p in zip(closed, probs, strict=True)]
+            answers |= {q.id: Answer(q.id, "yes" if p >= 0.5 else "no", p) for q, p in zip(closed, probs, strict=True)}
         t0 = time.perf_counter()
         for q in request.questions:
             if q.kind == "open":
                 text = self.engine.generate(
-                    image, prompts.open_question(request.context, q.text), max_new_tokens=q.max_new_tokens
+                    image, prompts.open_question(request.context, q.prompt or q.text), max_new_tokens=q.max_new_tokens
                 )
-                answers.append(Answer(q.id, text, None))
+                answers[q.id] = Answer(q.id, text, None)
         if any(q.kind == "open" for q in request.questions):
             timings["open_ms"] = (time.perf_counter() - t0) * 1000
         return AnnotationResult(
-            caption=caption, answers=answers, prompt_version=prompts.PROMPT_VERSION, timings_ms=timings
+            caption=caption[0] if caption is not None else None,
+            answers=[answers[q.id] for q in request.questions],  # in the bank's order
+            prompt_version=prompts.PROMPT_VERSION,
+            timings_ms=timings,
         )

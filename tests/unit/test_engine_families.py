@@ -80,3 +80,29 @@ def test_prefix_shared_scoring_matches_a_full_forward(family, tmp_path):
     shared, _ = engine.p_yes_shared(image, context, questions)
     full = [engine.p_yes_full(image, context, q) for q in questions]
     assert max(abs(a - b) for a, b in zip(shared, full, strict=True)) <= 1e-4
+
+
+@pytest.mark.parametrize("family", families())
+def test_batched_generation_equals_one_image_at_a_time(family, tmp_path):
+    from integrations.vlm.engine import VlmEngine
+
+    engine = VlmEngine(build_tiny(family, tmp_path / family))
+    rng = np.random.default_rng(5)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((96, 80), (64, 64), (120, 50))
+    ]
+    texts = ["Describe.", "This is a CT slice of the chest. Describe the findings in one or two sentences.", "What?"]
+    single = [engine.generate(i, t, max_new_tokens=5, min_new_tokens=5) for i, t in zip(images, texts, strict=True)]
+    assert engine.generate_batch(images, texts, max_new_tokens=5, min_new_tokens=5) == single
+
+
+def test_a_question_prompt_overrides_its_text(family_model):
+    family, annotator = family_model
+    if family == "ved":
+        return
+    plain = Question("q", "Is there a pleural effusion?")
+    worded = Question("q", "Is there a pleural effusion?", prompt="Is fluid layering in the pleural space?")
+    request = AnnotationRequest(png(4), ImageContext("DX", "CHEST"), (plain,), caption=False)
+    (a,) = annotator.annotate([request])
+    (b,) = annotator.annotate([AnnotationRequest(png(4), ImageContext("DX", "CHEST"), (worded,), caption=False)])
+    assert a.answers[0].p_yes != b.answers[0].p_yes
