@@ -110,6 +110,9 @@ class VlmEngine:
         config = AutoConfig.from_pretrained(self.checkpoint, **kwargs)
         self.family = str(config.model_type)
         self.captions_only = self.family == "vision-encoder-decoder"
+        # prefix-LM families attend bidirectionally over the whole prompt, question included: a question
+        # cannot continue a cached prefix causally without changing the answer, so each is scored whole
+        self.prefix_lm = self.family in ("paligemma",)
         if self.captions_only:
             from transformers import VisionEncoderDecoderModel
 
@@ -153,10 +156,15 @@ class VlmEngine:
         prefix, _, suffix = full.partition(SENTINEL)
         return prefix, suffix
 
+    def _encode(self, texts: list[str], images: list[Any], **kwargs: Any) -> Any:
+        """Processor outputs for a forward pass (some processors, e.g. PaliGemma's, add training labels)."""
+        batch = self.processor(text=texts, images=[[im] for im in images], return_tensors="pt", **kwargs)
+        batch.pop("labels", None)
+        return batch
+
     def _inputs(self, texts: list[str], images: list[Any]) -> Any:
         self.tokenizer.padding_side = "left"
-        batch = self.processor(text=texts, images=[[im] for im in images], padding=True, return_tensors="pt")
-        return batch.to(self.device)
+        return self._encode(texts, images, padding=True).to(self.device)
 
     # --- tasks -----------------------------------------------------------------------------------------
     def generate(self, image: Any, prompt: str, *, max_new_tokens: int, min_new_tokens: int = 0) -> str:
@@ -195,12 +203,16 @@ class VlmEngine:
             raise UnsupportedTask(f"model family {self.family} writes captions only; it cannot answer questions")
         if not questions:
             return [], {}
+        if self.prefix_lm:
+            t0 = time.perf_counter()
+            probs = [self.p_yes_full(image, context, q, temperature=temperature) for q in questions]
+            return probs, {"scoring_ms": (time.perf_counter() - t0) * 1000}
         torch = self._torch
         timings: dict[str, float] = {}
         with self._lock, torch.inference_mode():
             t0 = time.perf_counter()
             prefix, suffix_tpl = self.split_prompt(context)
-            pre = self.processor(text=[prefix], images=[[image]], return_tensors="pt").to(self.device)
+            pre = self._encode([prefix], [image]).to(self.device)
             out = self.model(**pre, use_cache=True, logits_to_keep=1)
             cache = out.past_key_values
             timings["prefix_ms"] = (time.perf_counter() - t0) * 1000
@@ -240,7 +252,7 @@ class VlmEngine:
         torch = self._torch
         prefix, suffix_tpl = self.split_prompt(context)
         with self._lock, torch.inference_mode():
-            pre = self.processor(text=[prefix], images=[[image]], return_tensors="pt")
+            pre = self._encode([prefix], [image])
             suf = self.tokenizer(question + suffix_tpl, add_special_tokens=False, return_tensors="pt")
             p_len, s_len = pre["input_ids"].shape[1], suf["input_ids"].shape[1]
             batch = {}

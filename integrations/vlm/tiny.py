@@ -22,6 +22,8 @@ STANDS_IN_FOR = {
     "smolvlm": "HuggingFaceTB/SmolVLM-256M-Instruct",
     "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3",
     "llava": "llava-hf/llava-1.5-7b-hf",
+    "llava_next": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "paligemma": "google/paligemma-3b-mix-224",
     "qwen2_vl": "Qwen/Qwen2-VL-2B-Instruct",
     "qwen2_5_vl": "Qwen/Qwen2.5-VL-3B-Instruct",
     "gemma3": "google/medgemma-4b-it",
@@ -308,6 +310,104 @@ def _build_llava() -> tuple[Any, Any]:
     return LlavaForConditionalGeneration(cfg), proc
 
 
+def _build_llava_next() -> tuple[Any, Any]:
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tok = train_tokenizer(
+        ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
+        named={"image_token": "<image>"},
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        unk="<unk>",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]  # any-resolution tiles, as LLaVA-NeXT does at 336 px
+    cfg = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**_VISION, image_size=32, patch_size=8, projection_dim=32),
+        text_config=LlamaConfig(
+            vocab_size=len(tok),
+            **_TEXT,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_id=tok.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=pinpoints,
+    )
+    ip = LlavaNextImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
+    proc = LlavaNextProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return LlavaNextForConditionalGeneration(cfg), proc
+
+
+# PaliGemma has no chat: the prompt is the text; its processor puts the image tokens and BOS in front
+PALIGEMMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+)
+
+
+def _build_paligemma() -> tuple[Any, Any]:
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    tok = train_tokenizer(
+        ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"],
+        named={"image_token": "<image>"},
+        bos="<bos>",
+        eos="<eos>",
+        pad="<pad>",
+        unk="<unk>",
+        chat_template=PALIGEMMA_CHAT_TEMPLATE,
+    )
+    cfg = PaliGemmaConfig(
+        vision_config=SiglipVisionConfig(**_VISION, image_size=32, patch_size=8, projection_dim=64),
+        text_config=GemmaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_index=tok.image_token_id,
+        projection_dim=64,
+    )
+    cfg.text_config.num_image_tokens = 16
+    ip = SiglipImageProcessor(size={"height": 32, "width": 32})
+    ip.image_seq_length = 16
+    proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok, chat_template=PALIGEMMA_CHAT_TEMPLATE)
+    return PaliGemmaForConditionalGeneration(cfg), proc
+
+
 def _build_qwen(v25: bool) -> tuple[Any, Any]:
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
@@ -486,6 +586,8 @@ BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "smolvlm": lambda: _build_idefics3_style("smolvlm"),
     "idefics3": lambda: _build_idefics3_style("idefics3"),
     "llava": _build_llava,
+    "llava_next": _build_llava_next,
+    "paligemma": _build_paligemma,
     "qwen2_vl": lambda: _build_qwen(False),
     "qwen2_5_vl": lambda: _build_qwen(True),
     "gemma3": _build_gemma3,
