@@ -70,6 +70,7 @@ class Image(SQLModel, table=True):
     modality: str = Field(max_length=16)
     body_part: str | None = Field(default=None, max_length=64)
     view: str | None = Field(default=None, max_length=16)
+    patient_position: str | None = Field(default=None, max_length=16)
     frame: int = 0
     render_version: str = Field(max_length=32)
     object_key: str = Field(max_length=512)

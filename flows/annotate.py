@@ -8,6 +8,7 @@ anything twice. Logs name database ids and hashes, never UIDs or patient data.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from collections import Counter
@@ -18,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from db import repository as repo
-from db.models import Image, Study, StudyStatus, utcnow
+from db.models import Image, ModelVersion, Study, StudyStatus, utcnow
 from db.session import session_scope
 from flows.runtime import Runtime
 from flows.selection import select
@@ -114,6 +115,7 @@ def render_study(rt: Runtime, study_id: int, retrieved: RetrievedStudy, run_id: 
                                 "modality": info.modality,
                                 "body_part": info.body_part or None,
                                 "view": info.view_position or None,
+                                "patient_position": info.patient_position or None,
                                 "frame": frame,
                                 "render_version": rendered.render_version,
                                 "object_key": key,
@@ -143,6 +145,9 @@ def annotate_images(rt: Runtime, study_id: int, image_ids: list[int], model_vers
     """Caption and question bank for each image not yet annotated by this model and bank version."""
     bank = rt.bank
     with session_scope(rt.engine) as session:
+        model_version = session.get(ModelVersion, model_version_id)
+        assert model_version is not None
+        temperature = model_version.temperature  # 1.0 until the validation flow calibrates this model version
         done = repo.annotated_image_ids(
             session=session, image_ids=image_ids, model_version_id=model_version_id, bank_version=bank.version
         )
@@ -157,7 +162,12 @@ def annotate_images(rt: Runtime, study_id: int, image_ids: list[int], model_vers
         chunk = todo[start : start + ANNOTATE_BATCH]
         requests = []
         for image in chunk:
-            ctx = ImageContext(modality=image.modality, body_part=image.body_part or "", view=image.view or "")
+            ctx = ImageContext(
+                modality=image.modality,
+                body_part=image.body_part or "",
+                view=image.view or "",
+                patient_position=image.patient_position or "",
+            )
             requests.append(
                 AnnotationRequest(
                     image_png=rt.store.get(image.object_key),
@@ -186,11 +196,12 @@ def annotate_images(rt: Runtime, study_id: int, image_ids: list[int], model_vers
             by_id = {q.id: q for q in request.questions}
             for answer in result.answers:
                 q = by_id[answer.question_id]
+                p_yes = calibrate(answer.p_yes, temperature) if answer.p_yes is not None else None
                 flagged = (
                     q.kind == "closed"
                     and q.flag_threshold is not None
-                    and answer.p_yes is not None
-                    and answer.p_yes >= q.flag_threshold
+                    and p_yes is not None
+                    and (p_yes >= q.flag_threshold)
                 )
                 findings.append(
                     {
@@ -202,12 +213,10 @@ def annotate_images(rt: Runtime, study_id: int, image_ids: list[int], model_vers
                         "prompt_version": result.prompt_version,
                         "render_version": image.render_version,
                         "kind": q.kind,
-                        "answer": answer.text,
-                        "probability": answer.p_yes,
+                        "answer": ("yes" if p_yes >= 0.5 else "no") if p_yes is not None else answer.text,
+                        "probability": p_yes,
                         "flagged": flagged,
-                        "flag_reason": (
-                            f"P(yes)={answer.p_yes:.3f} >= threshold {q.flag_threshold:.2f}" if flagged else None
-                        ),
+                        "flag_reason": (f"P(yes)={p_yes:.3f} >= threshold {q.flag_threshold:.2f}" if flagged else None),
                         "created_at": utcnow(),
                     }
                 )
@@ -216,6 +225,14 @@ def annotate_images(rt: Runtime, study_id: int, image_ids: list[int], model_vers
             counts["findings"] += repo.insert_findings(session=session, rows=findings)
             counts["flags"] += sum(1 for f in findings if f["flagged"])
     return dict(counts)
+
+
+def calibrate(p_yes: float, temperature: float) -> float:
+    """Temperature scaling of a probability: sigmoid(logit(p) / T). T = 1 leaves it unchanged."""
+    if temperature == 1.0:
+        return p_yes
+    p = min(max(p_yes, 1e-7), 1 - 1e-7)
+    return 1.0 / (1.0 + math.exp(-math.log(p / (1 - p)) / temperature))
 
 
 def ensure_model_version(rt: Runtime) -> int:

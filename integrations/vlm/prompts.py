@@ -18,6 +18,16 @@ _MODALITY_NAMES = {
     "PT": "PET image",
     "NM": "nuclear medicine image",
 }
+_POSITIONS = {
+    "HFS": "head first, supine",
+    "HFP": "head first, prone",
+    "FFS": "feet first, supine",
+    "FFP": "feet first, prone",
+    "HFDR": "head first, right decubitus",
+    "HFDL": "head first, left decubitus",
+    "FFDR": "feet first, right decubitus",
+    "FFDL": "feet first, left decubitus",
+}
 _VIEWS = {
     "PA": "posteroanterior (PA)",
     "AP": "anteroposterior (AP)",
@@ -27,7 +37,7 @@ _VIEWS = {
 }
 
 TEMPLATES = {
-    "context": "This is a {what}{of_part}{view}.",
+    "context": "This is a {what}{of_part}{view}{position}.",
     "caption": "{context} Describe the findings in one or two sentences.",
     # the instruction sits in the prefix shared by all closed questions of an image: the per-question
     # suffix is only the question itself, so scoring K questions runs the fewest tokens
@@ -45,7 +55,10 @@ def context_text(ctx: ImageContext) -> str:
     part = ctx.body_part.strip().lower()
     of_part = f" of the {part}" if part and part not in what else ""
     view = f", {_VIEWS.get(ctx.view.upper(), ctx.view.lower())} view" if ctx.view else ""
-    return TEMPLATES["context"].format(what=what, of_part=of_part, view=view)
+    position = (
+        f", patient {_POSITIONS[ctx.patient_position.upper()]}" if ctx.patient_position.upper() in _POSITIONS else ""
+    )
+    return TEMPLATES["context"].format(what=what, of_part=of_part, view=view, position=position)
 
 
 def caption_prompt(ctx: ImageContext) -> str:

@@ -107,4 +107,6 @@ def test_modality_aware_prompts():
     assert "CT slice" in prompts.context_text(ImageContext("CT", "CHEST"))
     assert "posteroanterior" in prompts.context_text(ImageContext("DX", "CHEST", "PA"))
     assert "of the brain" in prompts.context_text(ImageContext("MR", "BRAIN"))
+    assert "patient head first, supine" in prompts.context_text(ImageContext("CT", "CHEST", "", "HFS"))
+    assert "patient" not in prompts.context_text(ImageContext("CT", "CHEST", "", "XYZ"))
     assert prompts.PROMPT_VERSION.startswith("p1-")

@@ -37,9 +37,17 @@ def png(seed: int = 0) -> bytes:
 
 def test_every_family_stands_in_for_a_real_checkpoint():
     assert set(families()) == set(STANDS_IN_FOR)
-    assert {"smolvlm", "idefics3", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3", "paligemma", "ved"} <= set(
-        families()
-    )
+    assert {
+        "smolvlm",
+        "idefics3",
+        "llava",
+        "llava_next",
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "gemma3",
+        "paligemma",
+        "ved",
+    } <= set(families())
 
 
 def test_loads_and_captions(family_model):

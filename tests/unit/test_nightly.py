@@ -55,6 +55,7 @@ def test_nightly_end_to_end_then_idempotent(prefect_harness, settings):
     assert all(f.flagged == (f.probability >= _threshold(f.question_id)) for f in closed)
     assert {f.bank_version for f in findings} == {load_bank().version}
     assert all(f.render_version == images[f.image_id].render_version for f in findings)
+    assert {i.patient_position for i in images.values() if i.modality in ("CT", "MR")} == {"HFS"}
     assert mv.offline_stand_in
     assert mv.name == "tiny-random-smolvlm"
     assert mv.options["prompt_version"]
@@ -172,3 +173,13 @@ def test_only_transient_errors_are_retried():
     assert not _transient_only(None, None, Failed(data=PeerRefused("no")))
     assert not _transient_only(None, None, Failed(data=DecodeError("bad pixels")))
     assert not _transient_only(None, None, Failed(data=ValueError("a bug")))
+
+
+def test_temperature_scaling():
+    from flows.annotate import calibrate
+
+    assert calibrate(0.8, 1.0) == 0.8
+    assert 0.5 < calibrate(0.8, 2.0) < 0.8, "T > 1 softens"
+    assert calibrate(0.8, 0.5) > 0.8, "T < 1 sharpens"
+    assert abs(calibrate(0.2, 2.0) - (1 - calibrate(0.8, 2.0))) < 1e-12
+    assert 0.0 < calibrate(0.0, 3.0) < 1e-2
