@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: venv demo test lint clean bench-retrieval bench-triton bench-engine
+.PHONY: venv demo test lint clean fuzz bench-retrieval bench-triton bench-engine
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# the render fuzz test with a long budget (the suite runs 60 examples)
+fuzz: venv
+	NIGHTREAD_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest tests/unit/test_fuzz_render.py -q
 
 # benchmarks print figures (ratios measured side by side in one run); they assert nothing
 bench-retrieval: venv
