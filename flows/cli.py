@@ -581,6 +581,72 @@ def rules_check(file: Annotated[Path, typer.Argument(help="rules YAML")]) -> Non
     console.print(f"{file}: {len(rules.rules)} rules, valid (sha {rules.sha})")
 
 
+@rules_app.command("explain")
+def rules_explain(
+    study: Annotated[
+        str, typer.Argument(help="the study's database id (see `nightread status`) or its Study Instance UID")
+    ],
+) -> None:
+    """Retrieve one study from its PACS and show which images the rules would send, and why."""
+    import tempfile
+
+    from sqlmodel import select as sql_select
+
+    from db.models import Study
+    from db.session import session_scope
+    from flows.runtime import Runtime
+    from flows.selection import select
+    from integrations.errors import NightreadError
+    from integrations.imaging import read_instance_info
+    from integrations.pacs import uid_hash
+
+    settings = _settings()
+    engine = _engine_at_head(settings)
+    engine.dispose()
+    with Runtime.build(settings) as rt:
+        rt.register_sources()
+        with session_scope(rt.engine) as session:
+            query = sql_select(Study).where(
+                (Study.id == int(study)) if study.isdigit() else (Study.study_instance_uid == study)
+            )
+            row = session.exec(query).first()
+            if row is None or row.source_id is None:
+                raise _fail("no such study in the database (discover it first with `nightread run`)")
+            uid, source_id, expected = row.study_instance_uid, row.source_id, row.expected_instances
+        with tempfile.TemporaryDirectory(prefix="nightread-explain-") as tmp:
+            try:
+                retrieved = rt.source(source_id).retrieve_study(uid, dest=Path(tmp), expected=expected)
+            except NightreadError as exc:
+                raise _fail(f"{type(exc).__name__}: {exc}") from None
+            infos, unreadable = [], 0
+            for path in retrieved.files:
+                try:
+                    infos.append(read_instance_info(path))
+                except NightreadError:
+                    unreadable += 1
+            table = Table(title=f"study {row.id}: {len(retrieved.files)} instances")
+            for column in ("instance", "modality", "view", "series", "number", "image type", "decision", "why"):
+                table.add_column(column)
+            decisions = sorted(
+                select(infos, rt.rules), key=lambda d: (d.info.series_number or 0, d.info.instance_number or 0)
+            )
+            for d in decisions:
+                i = d.info
+                table.add_row(
+                    uid_hash(i.sop_instance_uid)[:10],
+                    i.modality,
+                    i.view_position or "-",
+                    str(i.series_number or "-"),
+                    str(i.instance_number or "-"),
+                    "\\".join(i.image_type),
+                    "send" if d.selected else "skip",
+                    f"{d.rule}: {d.reason}",
+                )
+            console.print(table)
+            if unreadable:
+                console.print(f"{unreadable} instance(s) could not be read and would be recorded as failures")
+
+
 @app.command()
 def render(
     source: Annotated[Path, typer.Argument(help="a DICOM file")],

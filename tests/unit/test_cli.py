@@ -248,3 +248,37 @@ def test_rules_check(tmp_path):
     bad = run("rules", "check", str(bad_file))
     assert bad.returncode == 2
     assert "needs a reason" in bad.stderr.replace("\n", " ")
+
+
+def test_rules_explain_shows_what_a_study_would_send(tmp_path, sample_pacs):
+    import datetime as dt
+
+    from db import repository as repo
+    from db.migrate import upgrade
+    from db.session import make_engine, session_scope
+    from flows.runtime import source_row
+    from flows.settings import NightreadSettings
+    from integrations.pacs import DimseStudySource
+
+    env = {"NIGHTREAD_DATA_DIR": str(tmp_path), "NIGHTREAD_PACS__PORT": str(sample_pacs.port), "COLUMNS": "250"}
+    settings = NightreadSettings(data_dir=tmp_path, pacs={"port": sample_pacs.port})
+    upgrade(settings.database_url)
+    src = DimseStudySource(name="s", host="127.0.0.1", port=sample_pacs.port, called_ae="SAMPLEPACS")
+    ct = next(r for r in src.find_studies(since=dt.datetime(2000, 1, 1)) if r.modalities == ("CT",))
+    engine = make_engine(settings.database_url)
+    with session_scope(engine) as session:
+        source = repo.upsert_source(session=session, **source_row(settings.pacs))
+        repo.register_studies(
+            session=session,
+            source_id=source.id,
+            studies=[{"study_instance_uid": ct.study_instance_uid, "number_of_instances": ct.number_of_instances}],
+        )
+    engine.dispose()
+    r = run("rules", "explain", ct.study_instance_uid, env=env)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "33 instances" in out
+    assert out.count("send") == 3
+    assert "localizer/scout" in out
+    assert ct.study_instance_uid not in out, "instances are shown by hash"
+    assert run("rules", "explain", "999", env=env).returncode == 1
