@@ -25,7 +25,7 @@ from flows.runtime import Runtime
 from flows.selection import select
 from flows.settings import NightreadSettings
 from integrations.errors import NightreadError, PermanentError, RetrievalIncomplete, TransientError
-from integrations.imaging import InstanceInfo, frames_of, read_instance_info, render
+from integrations.imaging import InstanceInfo, read_instance_info, render
 from integrations.pacs import uid_hash
 from integrations.ports import AnnotationRequest, ImageContext, RetrievedStudy
 
@@ -93,7 +93,7 @@ def render_study(rt: Runtime, study_id: int, retrieved: RetrievedStudy, run_id: 
         if not decision.selected:
             counts["skipped"] += 1
             continue
-        for frame in frames_of(info):
+        for frame in decision.frames:
             ref = f"sop:{uid_hash(info.sop_instance_uid)}:f{frame}"
             try:
                 rendered = render(info.path, frame=frame, max_long_edge=max_edge)

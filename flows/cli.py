@@ -656,7 +656,7 @@ def render(
     """Render one file through exactly the pipeline the flows use, and say what happened."""
     from flows.selection import load_rules, select
     from integrations.errors import DecodeError
-    from integrations.imaging import frames_of, read_instance_info
+    from integrations.imaging import read_instance_info
     from integrations.imaging import render as render_image
 
     settings = _settings()
@@ -665,7 +665,7 @@ def render(
     except DecodeError as exc:
         raise _fail(f"failed (read): {exc}") from None
     (decision,) = select([info], load_rules(settings.rules_file))
-    chosen = frame if frame is not None else frames_of(info)[0]
+    chosen = frame if frame is not None else decision.frames[0]
     try:
         rendered = render_image(source, frame=chosen, max_long_edge=settings.render.max_long_edge)
     except DecodeError as exc:

@@ -63,6 +63,25 @@ class Rule(BaseModel):
     action: Literal["select", "representative", "skip"]
     count: int | None = Field(default=None, ge=1, le=256)
     reason: str | None = None
+    # multi-frame objects (Enhanced CT/MR, US/XA cines): which frames to render
+    frames: Literal["middle", "every", "all"] = "middle"
+    frame_step: int = Field(default=1, ge=1, le=1000, description='"every": each n-th frame')
+    max_frames: int = Field(default=16, ge=1, le=1000, description='"every"/"all": at most this many')
+
+    def frame_indices(self, number_of_frames: int) -> tuple[int, ...]:
+        if number_of_frames <= 1:
+            return (0,)
+        if self.frames == "middle":
+            return (number_of_frames // 2,)
+        step = self.frame_step if self.frames == "every" else 1
+        picked = list(range(0, number_of_frames, step))
+        if len(picked) > self.max_frames:  # spread the cap over the whole object, not its start
+            picked = (
+                [picked[round(i * (len(picked) - 1) / (self.max_frames - 1))] for i in range(self.max_frames)]
+                if self.max_frames > 1
+                else [picked[len(picked) // 2]]
+            )
+        return tuple(picked)
 
     @model_validator(mode="after")
     def _consistent(self) -> Rule:
@@ -86,6 +105,7 @@ class Decision:
     selected: bool
     rule: str
     reason: str
+    frames: tuple[int, ...] = (0,)
 
 
 def load_rules(path: Path | None = None) -> RuleSet:
@@ -113,7 +133,7 @@ def select(instances: Sequence[InstanceInfo], rules: RuleSet) -> list[Decision]:
         elif rule.action == "skip":
             decided[i] = Decision(info, False, rule.name, rule.reason or "skipped")
         elif rule.action == "select":
-            decided[i] = Decision(info, True, rule.name, "selected")
+            decided[i] = Decision(info, True, rule.name, "selected", rule.frame_indices(info.number_of_frames))
         else:
             key = (rule.name, info.series_instance_uid)
             groups[key].append(i)
@@ -131,7 +151,13 @@ def select(instances: Sequence[InstanceInfo], rules: RuleSet) -> list[Decision]:
         keep = {ordered[j] for j in _evenly_spaced(len(ordered), rule.count)}
         for i in members:
             if i in keep:
-                decided[i] = Decision(instances[i], True, rule.name, f"representative slice ({rule.count} per series)")
+                decided[i] = Decision(
+                    instances[i],
+                    True,
+                    rule.name,
+                    f"representative slice ({rule.count} per series)",
+                    rule.frame_indices(instances[i].number_of_frames),
+                )
             else:
                 decided[i] = Decision(instances[i], False, rule.name, "not a representative slice")
     return [decided[i] for i in range(len(instances))]

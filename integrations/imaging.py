@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 from collections.abc import Sequence
@@ -215,6 +216,37 @@ def _grey_to_unit(ds: Dataset, arr: npt.NDArray[Any], modality: str, steps: list
     return _normalize(values)
 
 
+_FUNCTIONAL_GROUPS = {
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
+}
+
+
+def frame_view(ds: Dataset, frame: int, steps: list[str]) -> Dataset:
+    """The dataset as one frame sees it: rescale and window from the frame's functional group (Enhanced
+    CT/MR), else the shared one, else the top level. A shallow copy; pixel data is not duplicated."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    groups = []
+    if per_frame is not None and frame < len(per_frame):
+        groups.append(("frame", per_frame[frame]))
+    if shared:
+        groups.append(("shared", shared[0]))
+    if not groups:
+        return ds
+    view = copy.copy(ds)
+    for sequence, keywords in _FUNCTIONAL_GROUPS.items():
+        for label, group in groups:  # the frame's own group wins over the shared one
+            items = group.get(sequence)
+            if items:
+                for keyword in keywords:
+                    if keyword in items[0]:
+                        setattr(view, keyword, items[0][keyword].value)
+                steps.append(f"{sequence.removesuffix('Sequence')}({label})")
+                break
+    return view
+
+
 def render(source: Path | Dataset, *, frame: int = 0, max_long_edge: int = 512) -> RenderedImage:
     """Render one frame to PNG; raises DecodeError (a PermanentError) with a PHI-free reason."""
     steps: list[str] = []
@@ -241,6 +273,7 @@ def render(source: Path | Dataset, *, frame: int = 0, max_long_edge: int = 512) 
             raise DecodeError(f"frame {frame} out of range: the instance has {frames} frames")
         arr = arr[frame]
         steps.append(f"frame {frame}/{frames}")
+        ds = frame_view(ds, frame, steps)
     elif frame != 0:
         raise DecodeError(f"frame {frame} out of range: the instance has 1 frame")
     photometric = _str(ds, "PhotometricInterpretation").upper()
@@ -301,8 +334,3 @@ def _safe_message(exc: BaseException) -> str:
 def png_to_array(png: bytes) -> npt.NDArray[Any]:
     with PILImage.open(io.BytesIO(png)) as img:
         return np.asarray(img.convert("RGB"))
-
-
-def frames_of(info: InstanceInfo) -> Sequence[int]:
-    """The frames to render for an instance (first version: the middle one of a multi-frame)."""
-    return [info.number_of_frames // 2] if info.number_of_frames > 1 else [0]

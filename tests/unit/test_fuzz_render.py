@@ -13,7 +13,7 @@ from pydicom import dcmwrite
 
 from flows.selection import load_rules, select
 from integrations.errors import DecodeError
-from integrations.imaging import frames_of, read_instance_info, render
+from integrations.imaging import read_instance_info, render
 from integrations.sample_pacs import generate_studies
 
 BUDGET = int(os.environ.get("NIGHTREAD_FUZZ_EXAMPLES", "60"))
@@ -35,7 +35,7 @@ def outcome(path) -> str:
     if not decision.selected:
         return "skipped"
     try:
-        for frame in frames_of(info):
+        for frame in decision.frames:
             render(path, frame=frame, max_long_edge=64)
     except DecodeError:
         return "failed"
