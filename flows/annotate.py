@@ -96,7 +96,9 @@ def render_study(rt: Runtime, study_id: int, retrieved: RetrievedStudy, run_id: 
         for frame in decision.frames:
             ref = f"sop:{uid_hash(info.sop_instance_uid)}:f{frame}"
             try:
-                rendered = render(info.path, frame=frame, max_long_edge=max_edge)
+                rendered = render(
+                    info.path, frame=frame, max_long_edge=max_edge, ct_windows=rt.settings.render.ct_windows
+                )
                 key = object_key(
                     study_uid=info.study_instance_uid,
                     sop_uid=info.sop_instance_uid,

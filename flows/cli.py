@@ -667,7 +667,9 @@ def render(
     (decision,) = select([info], load_rules(settings.rules_file))
     chosen = frame if frame is not None else decision.frames[0]
     try:
-        rendered = render_image(source, frame=chosen, max_long_edge=settings.render.max_long_edge)
+        rendered = render_image(
+            source, frame=chosen, max_long_edge=settings.render.max_long_edge, ct_windows=settings.render.ct_windows
+        )
     except DecodeError as exc:
         raise _fail(f"failed (render): {exc}") from None
     out.write_bytes(rendered.png)

@@ -127,6 +127,17 @@ class TritonSettings(BaseModel):
 
 class RenderSettings(BaseModel):
     max_long_edge: int = Field(default=512, ge=32, le=8192, description="long edge of rendered images, pixels")
+    ct_windows: list[tuple[float, float]] = Field(
+        default_factory=list,
+        description="CT as three windows stacked as RGB, e.g. [[-600,1500],[40,400],[400,1800]]; [] = one window",
+    )
+
+    @field_validator("ct_windows")
+    @classmethod
+    def _three_windows(cls, v: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        if v and (len(v) != 3 or any(w <= 0 for _, w in v)):
+            raise ValueError("ct_windows takes three [center, width] pairs with positive widths")
+        return v
 
 
 class FlowSettings(BaseModel):

@@ -44,8 +44,9 @@ DEFAULT_WINDOWS: dict[str, tuple[float, float]] = {
 IMAGE_SOP_CLASS_HINT = "Image Storage"
 
 
-def render_version(max_long_edge: int) -> str:
-    return f"{RENDER_PIPELINE_VERSION}-{max_long_edge}"
+def render_version(max_long_edge: int, ct_windows: Sequence[tuple[float, float]] = ()) -> str:
+    windows = "-w" + "_".join(f"{c:g}:{w:g}" for c, w in ct_windows) if ct_windows else ""
+    return f"{RENDER_PIPELINE_VERSION}-{max_long_edge}{windows}"
 
 
 @dataclass(frozen=True)
@@ -247,8 +248,19 @@ def frame_view(ds: Dataset, frame: int, steps: list[str]) -> Dataset:
     return view
 
 
-def render(source: Path | Dataset, *, frame: int = 0, max_long_edge: int = 512) -> RenderedImage:
-    """Render one frame to PNG; raises DecodeError (a PermanentError) with a PHI-free reason."""
+def render(
+    source: Path | Dataset,
+    *,
+    frame: int = 0,
+    max_long_edge: int = 512,
+    ct_windows: Sequence[tuple[float, float]] = (),
+) -> RenderedImage:
+    """Render one frame to PNG; raises DecodeError (a PermanentError) with a PHI-free reason.
+
+    `ct_windows`: for CT, three (center, width) windows in HU rendered as the R, G and B channels
+    (e.g. lung, mediastinum, bone) instead of one grey window."""
+    if ct_windows and len(ct_windows) != 3:
+        raise ValueError("ct_windows takes exactly three (center, width) pairs, one per colour channel")
     steps: list[str] = []
     try:
         ds = source if isinstance(source, Dataset) else dcmread(source, force=True)
@@ -288,6 +300,12 @@ def render(source: Path | Dataset, *, frame: int = 0, max_long_edge: int = 512) 
         elif samples == 3:
             rgb8 = _to_uint8_color(arr)
             steps.append(f"color({photometric.lower() or 'rgb'})")
+        elif modality == "CT" and ct_windows:
+            hu = apply_modality_lut(arr, ds).astype(np.float64)
+            channels = [_window(hu, c, w, "LINEAR") for c, w in ct_windows]
+            rgb8 = np.round(np.stack(channels, axis=-1) * 255.0).astype(np.uint8)
+            steps.append("rescale")
+            steps.append("ct-windows-as-rgb(" + ", ".join(f"{c:g}/{w:g}" for c, w in ct_windows) + ")")
         else:
             unit = _grey_to_unit(ds, arr, modality, steps)
             if photometric == "MONOCHROME1":
@@ -313,7 +331,7 @@ def render(source: Path | Dataset, *, frame: int = 0, max_long_edge: int = 512) 
         width=img.width,
         height=img.height,
         frame=frame,
-        render_version=render_version(max_long_edge),
+        render_version=render_version(max_long_edge, ct_windows if modality == "CT" else ()),
         steps=steps,
     )
 

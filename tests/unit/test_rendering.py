@@ -153,3 +153,29 @@ def test_instance_info_reads_selection_tags_without_pixels(tmp_path):
     assert info.has_pixels
     assert info.is_image_sop_class
     assert info.image_type == ("ORIGINAL", "PRIMARY")
+
+
+def test_ct_three_windows_become_the_rgb_channels():
+    hu = np.zeros((30, 30), dtype=np.int32)
+    hu[:, :10], hu[:, 10:20], hu[:, 20:] = -1000, 40, 1000  # air, soft tissue, bone
+    ds = _ds((hu + 1024).astype(np.uint16), modality="CT", sop_class=CTImageStorage)
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    windows = [(-600.0, 1500.0), (40.0, 400.0), (400.0, 1800.0)]  # lung, mediastinum, bone
+    r = render(ds, ct_windows=windows)
+    out = png_to_array(r.png).astype(int)
+
+    def expected(value: float) -> list[int]:
+        return [round(min(max(((value - (c - 0.5)) / (w - 1) + 0.5), 0), 1) * 255) for c, w in windows]
+
+    for columns, value in ((slice(0, 10), -1000), (slice(10, 20), 40), (slice(20, 30), 1000)):
+        assert np.abs(out[:, columns].reshape(-1, 3).mean(axis=0) - expected(value)).max() <= 1.5
+    assert r.render_version == "r1-512-w-600:1500_40:400_400:1800"
+    assert render(ds).render_version == "r1-512", "one grey window is another render version"
+
+
+def test_three_windows_do_not_touch_other_modalities():
+    ds = _ds(_stripe(3500, 200), photometric="MONOCHROME1")
+    r = render(ds, ct_windows=[(0.0, 1.0), (0.0, 1.0), (0.0, 1.0)])
+    assert r.render_version == "r1-512"
+    out = png_to_array(r.png)
+    assert (out[..., 0] == out[..., 1]).all()

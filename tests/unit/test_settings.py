@@ -53,3 +53,11 @@ def test_masked_hides_secrets_and_passwords(tmp_path):
 def test_mask_url_leaves_urls_without_password():
     assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
     assert mask_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_ct_windows_setting(monkeypatch):
+    monkeypatch.setenv("NIGHTREAD_RENDER__CT_WINDOWS", "[[-600,1500],[40,400],[400,1800]]")
+    assert NightreadSettings().render.ct_windows == [(-600, 1500), (40, 400), (400, 1800)]
+    monkeypatch.setenv("NIGHTREAD_RENDER__CT_WINDOWS", "[[-600,1500]]")
+    with pytest.raises(ValidationError, match="three"):
+        NightreadSettings()
