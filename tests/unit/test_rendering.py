@@ -179,3 +179,31 @@ def test_three_windows_do_not_touch_other_modalities():
     assert r.render_version == "r1-512"
     out = png_to_array(r.png)
     assert (out[..., 0] == out[..., 1]).all()
+
+
+def test_palette_colour_keeps_its_colours():
+    ds = _ds(np.array([[0, 1], [2, 3]], dtype=np.uint16).repeat(8, 0).repeat(8, 1), photometric="PALETTE COLOR")
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = np.array([[0, 1], [2, 3]], dtype=np.uint8).repeat(8, 0).repeat(8, 1).tobytes()
+    red, green, blue = [255, 0, 0, 255], [0, 255, 0, 255], [0, 0, 255, 255]  # index 3 is white
+    for colour, table in (("Red", red), ("Green", green), ("Blue", blue)):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [4, 0, 8])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", bytes(table))
+    out = png_to_array(render(ds).png)
+    assert tuple(out[0, 0]) == (255, 0, 0)
+    assert tuple(out[0, 15]) == (0, 255, 0)
+    assert tuple(out[15, 0]) == (0, 0, 255)
+    assert tuple(out[15, 15]) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("planar", [0, 1])
+def test_rgb_planar_configuration(planar):
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    rgb[..., 0], rgb[:, 4:, 2] = 200, 100
+    ds = _ds(np.zeros((8, 8), dtype=np.uint16), photometric="RGB")
+    ds.SamplesPerPixel, ds.PlanarConfiguration = 3, planar
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = (rgb.transpose(2, 0, 1) if planar else rgb).tobytes()
+    out = png_to_array(render(ds).png)
+    assert tuple(out[0, 0]) == (200, 0, 0)
+    assert tuple(out[0, 7]) == (200, 0, 100)
