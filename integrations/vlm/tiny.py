@@ -266,37 +266,47 @@ GEMMA_CHAT_TEMPLATE = (
 )
 
 
-def _build_llava() -> tuple[Any, Any]:
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+_LLAVA_TOKENS: dict[str, Any] = {
+    "special": ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
+    "named": {"image_token": "<image>"},
+    "bos": "<s>",
+    "eos": "</s>",
+    "pad": "<pad>",
+    "unk": "<unk>",
+    "chat_template": LLAVA_CHAT_TEMPLATE,
+}
 
-    tok = train_tokenizer(
-        ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
-        named={"image_token": "<image>"},
-        bos="<s>",
-        eos="</s>",
-        pad="<pad>",
-        unk="<unk>",
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(**_VISION, image_size=32, patch_size=8, projection_dim=32),
-        text_config=LlamaConfig(
+
+def _llava_config(tok: Any) -> dict[str, Any]:
+    """What LLaVA-1.5 and LLaVA-NeXT configs share: CLIP vision tower, Llama text model, image token."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    return {
+        "vision_config": CLIPVisionConfig(**_VISION, image_size=32, patch_size=8, projection_dim=32),
+        "text_config": LlamaConfig(
             vocab_size=len(tok),
             **_TEXT,
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
         ),
-        image_token_id=tok.image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        "image_token_id": tok.image_token_id,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+    }
+
+
+def _build_llava() -> tuple[Any, Any]:
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = train_tokenizer(**_LLAVA_TOKENS)
+    cfg = LlavaConfig(
+        **_llava_config(tok),
     )
     ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     proc = LlavaProcessor(
@@ -312,36 +322,16 @@ def _build_llava() -> tuple[Any, Any]:
 
 def _build_llava_next() -> tuple[Any, Any]:
     from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
     )
 
-    tok = train_tokenizer(
-        ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
-        named={"image_token": "<image>"},
-        bos="<s>",
-        eos="</s>",
-        pad="<pad>",
-        unk="<unk>",
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    tok = train_tokenizer(**_LLAVA_TOKENS)
     pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]  # any-resolution tiles, as LLaVA-NeXT does at 336 px
     cfg = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**_VISION, image_size=32, patch_size=8, projection_dim=32),
-        text_config=LlamaConfig(
-            vocab_size=len(tok),
-            **_TEXT,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        ),
-        image_token_id=tok.image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        **_llava_config(tok),
         image_grid_pinpoints=pinpoints,
     )
     ip = LlavaNextImageProcessor(
