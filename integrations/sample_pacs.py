@@ -19,7 +19,7 @@ import datetime as dt
 import hashlib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +192,35 @@ def _set_pixels(ds: Dataset, pixels: npt.NDArray[Any]) -> None:
     ds.PixelData = pixels.astype("<u2").tobytes()
 
 
+def _axial_series(
+    *,
+    base: dict[str, Any],
+    image_type: list[str],
+    body_part: str,
+    count: int,
+    thickness: float,
+    origin: tuple[float, float, float],
+    pixels: Callable[[int], npt.NDArray[Any]],
+    extra: dict[str, Any],
+) -> list[Dataset]:
+    """`count` axial slices, head first supine, `thickness` mm apart from `origin`."""
+    out = []
+    for i in range(count):
+        ds = _base(**base, sop_uid=_uid(base["series_uid"], "sop", i))
+        ds.ImageType = image_type
+        ds.BodyPartExamined = body_part
+        ds.InstanceNumber = i + 1
+        ds.SliceThickness = thickness
+        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + thickness * i]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        for keyword, value in extra.items():
+            setattr(ds, keyword, value)
+        ds.PatientPosition = "HFS"
+        _set_pixels(ds, pixels(i))
+        out.append(ds)
+    return out
+
+
 def generate_studies(
     *,
     seed: int = 7,
@@ -312,64 +341,64 @@ def generate_studies(
     _set_pixels(scout, chest_radiograph(256, 256, lateral=False, rng=rng))
     study.instances.append(scout)
     axial_uid = _uid(study_uid, "series", "axial")
-    for i in range(ct_slices):
-        ds = _base(
-            sop_class=CTImageStorage,
-            modality="CT",
-            study_uid=study_uid,
-            series_uid=axial_uid,
-            sop_uid=_uid(axial_uid, "sop", i),
-            patient=4,
-            date=date,
-            time=time,
-            accession=acc,
-            study_description="CT CHEST WITHOUT CONTRAST",
-            series_number=2,
-            series_description="AXIAL 2.5MM",
-        )
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.BodyPartExamined = "CHEST"
-        ds.InstanceNumber = i + 1
-        ds.SliceThickness = 2.5
-        ds.ImagePositionPatient = [-180.0, -180.0, -100.0 + 2.5 * i]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [0.7, 0.7]
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
-        ds.WindowCenter, ds.WindowWidth = [40, -600], [400, 1500]
-        ds.WindowCenterWidthExplanation = ["MEDIASTINUM", "LUNG"]
-        ds.PatientPosition = "HFS"
-        _set_pixels(ds, ct_slice(ct_size, float(i), rng))
-        study.instances.append(ds)
+    study.instances += _axial_series(
+        base={
+            "sop_class": CTImageStorage,
+            "modality": "CT",
+            "study_uid": study_uid,
+            "series_uid": axial_uid,
+            "patient": 4,
+            "date": date,
+            "time": time,
+            "accession": acc,
+            "study_description": "CT CHEST WITHOUT CONTRAST",
+            "series_number": 2,
+            "series_description": "AXIAL 2.5MM",
+        },
+        image_type=["ORIGINAL", "PRIMARY", "AXIAL"],
+        body_part="CHEST",
+        count=ct_slices,
+        thickness=2.5,
+        origin=(-180.0, -180.0, -100.0),
+        pixels=lambda i: ct_slice(ct_size, float(i), rng),
+        extra={
+            "PixelSpacing": [0.7, 0.7],
+            "RescaleIntercept": -1024,
+            "RescaleSlope": 1,
+            "RescaleType": "HU",
+            "WindowCenter": [40, -600],
+            "WindowWidth": [400, 1500],
+            "WindowCenterWidthExplanation": ["MEDIASTINUM", "LUNG"],
+        },
+    )
     studies.append(study)
 
     # MR brain
     study_uid, acc, date, time = new_study(4)
     study = SampleStudy(study_uid)
     mr_uid = _uid(study_uid, "series", "t1")
-    for i in range(20):
-        ds = _base(
-            sop_class=MRImageStorage,
-            modality="MR",
-            study_uid=study_uid,
-            series_uid=mr_uid,
-            sop_uid=_uid(mr_uid, "sop", i),
-            patient=5,
-            date=date,
-            time=time,
-            accession=acc,
-            study_description="MR BRAIN WITHOUT CONTRAST",
-            series_number=3,
-            series_description="AX T1",
-        )
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M"]
-        ds.BodyPartExamined = "BRAIN"
-        ds.InstanceNumber = i + 1
-        ds.SliceThickness = 5.0
-        ds.ImagePositionPatient = [-120.0, -120.0, -50.0 + 5.0 * i]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PatientPosition = "HFS"
-        _set_pixels(ds, mr_slice(256, i / 3.0, rng))
-        study.instances.append(ds)
+    study.instances += _axial_series(
+        base={
+            "sop_class": MRImageStorage,
+            "modality": "MR",
+            "study_uid": study_uid,
+            "series_uid": mr_uid,
+            "patient": 5,
+            "date": date,
+            "time": time,
+            "accession": acc,
+            "study_description": "MR BRAIN WITHOUT CONTRAST",
+            "series_number": 3,
+            "series_description": "AX T1",
+        },
+        image_type=["ORIGINAL", "PRIMARY", "M"],
+        body_part="BRAIN",
+        count=20,
+        thickness=5.0,
+        origin=(-120.0, -120.0, -50.0),
+        pixels=lambda i: mr_slice(256, i / 3.0, rng),
+        extra={},
+    )
     studies.append(study)
     return studies
 
