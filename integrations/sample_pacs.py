@@ -279,41 +279,27 @@ def generate_studies(
             _set_pixels(ds, pixels)
             study.instances.append(ds)
         if include_corrupt and n == 1:
-            ds_bad = _base(
-                sop_class=sop_class,
-                modality=modality,
-                study_uid=study_uid,
-                series_uid=_uid(study_uid, "bad"),
-                sop_uid=_uid(study_uid, "bad", "truncated"),
-                patient=n + 1,
-                date=date,
-                time=time,
-                accession=acc,
-                study_description="XR CHEST 2 VIEWS",
-                series_number=9,
-                series_description="CHEST PA",
-            )
-            ds_bad.BodyPartExamined, ds_bad.ViewPosition, ds_bad.InstanceNumber = "CHEST", "PA", 1
-            ds_bad.Rows, ds_bad.Columns = 512, 512
-            ds_bad.PixelData = b"\x00\x01" * 1000  # truncated: far fewer bytes than 512×512×2
-            study.instances.append(ds_bad)
-            ds_empty = _base(
-                sop_class=sop_class,
-                modality=modality,
-                study_uid=study_uid,
-                series_uid=_uid(study_uid, "bad"),
-                sop_uid=_uid(study_uid, "bad", "no-pixels"),
-                patient=n + 1,
-                date=date,
-                time=time,
-                accession=acc,
-                study_description="XR CHEST 2 VIEWS",
-                series_number=9,
-                series_description="CHEST PA",
-            )
-            ds_empty.BodyPartExamined, ds_empty.ViewPosition, ds_empty.InstanceNumber = "CHEST", "PA", 2
-            ds_empty.Rows, ds_empty.Columns = 512, 512  # image tags, no Pixel Data at all
-            study.instances.append(ds_empty)
+            # an image whose Pixel Data is truncated (far fewer bytes than 512×512×2), and one with none
+            for number, (label, pixel_data) in enumerate((("truncated", b"\x00\x01" * 1000), ("no-pixels", None)), 1):
+                bad = _base(
+                    sop_class=sop_class,
+                    modality=modality,
+                    study_uid=study_uid,
+                    series_uid=_uid(study_uid, "bad"),
+                    sop_uid=_uid(study_uid, "bad", label),
+                    patient=n + 1,
+                    date=date,
+                    time=time,
+                    accession=acc,
+                    study_description="XR CHEST 2 VIEWS",
+                    series_number=9,
+                    series_description="CHEST PA",
+                )
+                bad.BodyPartExamined, bad.ViewPosition, bad.InstanceNumber = "CHEST", "PA", number
+                bad.Rows, bad.Columns = 512, 512
+                if pixel_data is not None:
+                    bad.PixelData = pixel_data
+                study.instances.append(bad)
         studies.append(study)
 
     # CT chest: localizer + axial series

@@ -119,6 +119,15 @@ _TEXT = {
     "max_position_embeddings": 4096,
 }
 _VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+# Gemma text models (PaliGemma, Gemma 3) have an explicit head size
+_GEMMA_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
 
 
 def _corpus(n: int = 3000, seed: int = 0) -> Iterator[str]:
@@ -378,12 +387,7 @@ def _build_paligemma() -> tuple[Any, Any]:
         vision_config=SiglipVisionConfig(**_VISION, image_size=32, patch_size=8, projection_dim=64),
         text_config=GemmaConfig(
             vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
+            **_GEMMA_TEXT,
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
@@ -510,12 +514,7 @@ def _build_gemma3() -> tuple[Any, Any]:
     )
     text = Gemma3TextConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        **_GEMMA_TEXT,
         query_pre_attn_scalar=16,
         sliding_window=64,
         max_position_embeddings=4096,
