@@ -71,6 +71,11 @@ class Image(SQLModel, table=True):
     body_part: str | None = Field(default=None, max_length=64)
     view: str | None = Field(default=None, max_length=16)
     patient_position: str | None = Field(default=None, max_length=16)
+    # CT: the window(s) this rendering used ("" = the file's own; see integrations.imaging.window_key)
+    ct_window: str | None = Field(default=None, max_length=64)
+    # the selection rule's view role ("frontal", "lateral") and the image it is paired with in its study
+    view_role: str | None = Field(default=None, max_length=16)
+    paired_sop_instance_uid: str | None = Field(default=None, max_length=64)
     frame: int = 0
     render_version: str = Field(max_length=32)
     object_key: str = Field(max_length=512)

@@ -22,10 +22,10 @@ from db import repository as repo
 from db.models import Image, ModelVersion, Study, StudyStatus, utcnow
 from db.session import session_scope
 from flows.runtime import Runtime
-from flows.selection import select
+from flows.selection import Decision, select
 from flows.settings import NightreadSettings
 from integrations.errors import NightreadError, PermanentError, RetrievalIncomplete, TransientError
-from integrations.imaging import InstanceInfo, read_instance_info, render
+from integrations.imaging import InstanceInfo, read_instance_info, render, window_key
 from integrations.pacs import uid_hash
 from integrations.ports import AnnotationRequest, ImageContext, RetrievedStudy
 
@@ -93,41 +93,18 @@ def render_study(rt: Runtime, study_id: int, retrieved: RetrievedStudy, run_id: 
         if not decision.selected:
             counts["skipped"] += 1
             continue
+        # CT is rendered once per window setting its questions need (the default first); others once
+        window_sets = (
+            rt.bank.ct_window_sets(body_part=info.body_part, default_windows=list(rt.settings.render.ct_windows))
+            if info.modality == "CT"
+            else [[]]
+        )
         for frame in decision.frames:
             ref = f"sop:{uid_hash(info.sop_instance_uid)}:f{frame}"
             try:
-                rendered = render(
-                    info.path, frame=frame, max_long_edge=max_edge, ct_windows=rt.settings.render.ct_windows
-                )
-                key = object_key(
-                    study_uid=info.study_instance_uid,
-                    sop_uid=info.sop_instance_uid,
-                    frame=frame,
-                    render_version=rendered.render_version,
-                )
-                rt.store.put(key, rendered.png, content_type="image/png")
+                for windows in window_sets:
+                    image_ids.append(_render_one(rt, study_id, decision, frame, windows, max_edge))
                 with session_scope(rt.engine) as session:
-                    image_ids.append(
-                        repo.upsert_image(
-                            session=session,
-                            values={
-                                "study_id": study_id,
-                                "sop_instance_uid": info.sop_instance_uid,
-                                "series_instance_uid": info.series_instance_uid,
-                                "modality": info.modality,
-                                "body_part": info.body_part or None,
-                                "view": info.view_position or None,
-                                "patient_position": info.patient_position or None,
-                                "frame": frame,
-                                "render_version": rendered.render_version,
-                                "object_key": key,
-                                "sha256": rendered.sha256,
-                                "width": rendered.width,
-                                "height": rendered.height,
-                                "created_at": utcnow(),
-                            },
-                        )
-                    )
                     repo.resolve_failures(session=session, stage="render", object_ref=ref)
                 counts["rendered"] += 1
             except NightreadError as exc:
@@ -140,6 +117,43 @@ def render_study(rt: Runtime, study_id: int, retrieved: RetrievedStudy, run_id: 
                 logger.warning("study %d: instance %s not rendered: %s", study_id, ref, exc)
                 counts["failed"] += 1
     return {"image_ids": image_ids, **counts}
+
+
+def _render_one(
+    rt: Runtime, study_id: int, decision: Decision, frame: int, windows: list[tuple[float, float]], max_edge: int
+) -> int:
+    info = decision.info
+    rendered = render(info.path, frame=frame, max_long_edge=max_edge, ct_windows=windows)
+    key = object_key(
+        study_uid=info.study_instance_uid,
+        sop_uid=info.sop_instance_uid,
+        frame=frame,
+        render_version=rendered.render_version,
+    )
+    rt.store.put(key, rendered.png, content_type="image/png")
+    with session_scope(rt.engine) as session:
+        return repo.upsert_image(
+            session=session,
+            values={
+                "study_id": study_id,
+                "sop_instance_uid": info.sop_instance_uid,
+                "series_instance_uid": info.series_instance_uid,
+                "modality": info.modality,
+                "body_part": info.body_part or None,
+                "view": info.view_position or None,
+                "patient_position": info.patient_position or None,
+                "ct_window": window_key(windows) if info.modality == "CT" else None,
+                "view_role": decision.role,
+                "paired_sop_instance_uid": decision.paired_with,
+                "frame": frame,
+                "render_version": rendered.render_version,
+                "object_key": key,
+                "sha256": rendered.sha256,
+                "width": rendered.width,
+                "height": rendered.height,
+                "created_at": utcnow(),
+            },
+        )
 
 
 @task(name="annotate-images", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
@@ -160,6 +174,7 @@ def annotate_images(rt: Runtime, study_id: int, image_ids: list[int], model_vers
         return dict(counts)
     annotator = rt.annotator()
     max_tokens = rt.settings.inference.caption_max_new_tokens
+    default_windows = window_key(rt.settings.render.ct_windows)
     for start in range(0, len(todo), ANNOTATE_BATCH):
         chunk = todo[start : start + ANNOTATE_BATCH]
         requests = []
@@ -174,8 +189,14 @@ def annotate_images(rt: Runtime, study_id: int, image_ids: list[int], model_vers
                 AnnotationRequest(
                     image_png=rt.store.get(image.object_key),
                     context=ctx,
-                    questions=bank.for_image(modality=image.modality, body_part=image.body_part or ""),
-                    caption=True,
+                    questions=bank.for_image(
+                        modality=image.modality,
+                        body_part=image.body_part or "",
+                        ct_window=image.ct_window,
+                        default_windows=default_windows,
+                    ),
+                    # one caption per view: on the default rendering (other CT windows serve their questions)
+                    caption=image.ct_window is None or image.ct_window == default_windows,
                     caption_max_new_tokens=max_tokens,
                 )
             )

@@ -577,7 +577,10 @@ def rules_check(file: Annotated[Path, typer.Argument(help="rules YAML")]) -> Non
         raise _fail(str(exc), 2) from None
     for rule in rules.rules:
         what = rule.reason if rule.action == "skip" else (f"{rule.count} per series" if rule.count else "")
-        console.print(f"{rule.name}: {rule.action} {what}".rstrip())
+        role = f" (role {rule.role})" if rule.role else ""
+        console.print(f"{rule.name}: {rule.action} {what}".rstrip() + role)
+    if rules.pair:
+        console.print(f"pairs {rules.pair[0]} with {rules.pair[1]} images within a study")
     console.print(f"{file}: {len(rules.rules)} rules, valid (sha {rules.sha})")
 
 
@@ -630,8 +633,10 @@ def rules_explain(
             decisions = sorted(
                 select(infos, rt.rules), key=lambda d: (d.info.series_number or 0, d.info.instance_number or 0)
             )
+            short = {d.info.sop_instance_uid: uid_hash(d.info.sop_instance_uid)[:10] for d in decisions}
             for d in decisions:
                 i = d.info
+                paired = f" (paired with {short.get(d.paired_with, '?')})" if d.paired_with else ""
                 table.add_row(
                     uid_hash(i.sop_instance_uid)[:10],
                     i.modality,
@@ -640,7 +645,7 @@ def rules_explain(
                     str(i.instance_number or "-"),
                     "\\".join(i.image_type),
                     "send" if d.selected else "skip",
-                    f"{d.rule}: {d.reason}",
+                    f"{d.rule}: {d.reason}{paired}",
                 )
             console.print(table)
             if unreadable:

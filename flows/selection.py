@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -67,6 +67,9 @@ class Rule(BaseModel):
     frames: Literal["middle", "every", "all"] = "middle"
     frame_step: int = Field(default=1, ge=1, le=1000, description='"every": each n-th frame')
     max_frames: int = Field(default=16, ge=1, le=1000, description='"every"/"all": at most this many')
+    # a view role recorded with the image ("frontal", "lateral"); roles named in the rule set's `pair`
+    # are paired within a study and the pair recorded together
+    role: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]{0,15}$")
 
     def frame_indices(self, number_of_frames: int) -> tuple[int, ...]:
         if number_of_frames <= 1:
@@ -96,7 +99,20 @@ class RuleSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = 1
     rules: list[Rule] = Field(min_length=1)
+    # two roles whose selected images are paired within a study (e.g. [frontal, lateral])
+    pair: tuple[str, str] | None = None
     sha: str = ""
+
+    @model_validator(mode="after")
+    def _pair_roles_exist(self) -> RuleSet:
+        if self.pair is not None:
+            if self.pair[0] == self.pair[1]:
+                raise ValueError("pair names the same role twice")
+            roles = {r.role for r in self.rules if r.action != "skip"}
+            missing = [role for role in self.pair if role not in roles]
+            if missing:
+                raise ValueError(f"pair names role(s) no selecting rule has: {', '.join(missing)}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,9 @@ class Decision:
     rule: str
     reason: str
     frames: tuple[int, ...] = (0,)
+    role: str | None = None
+    # the SOP Instance UID of the image this one is paired with (frontal <-> lateral), if any
+    paired_with: str | None = None
 
 
 def load_rules(path: Path | None = None) -> RuleSet:
@@ -133,7 +152,9 @@ def select(instances: Sequence[InstanceInfo], rules: RuleSet) -> list[Decision]:
         elif rule.action == "skip":
             decided[i] = Decision(info, False, rule.name, rule.reason or "skipped")
         elif rule.action == "select":
-            decided[i] = Decision(info, True, rule.name, "selected", rule.frame_indices(info.number_of_frames))
+            decided[i] = Decision(
+                info, True, rule.name, "selected", rule.frame_indices(info.number_of_frames), role=rule.role
+            )
         else:
             key = (rule.name, info.series_instance_uid)
             groups[key].append(i)
@@ -157,7 +178,30 @@ def select(instances: Sequence[InstanceInfo], rules: RuleSet) -> list[Decision]:
                     rule.name,
                     f"representative slice ({rule.count} per series)",
                     rule.frame_indices(instances[i].number_of_frames),
+                    role=rule.role,
                 )
             else:
                 decided[i] = Decision(instances[i], False, rule.name, "not a representative slice")
-    return [decided[i] for i in range(len(instances))]
+    ordered_decisions = [decided[i] for i in range(len(instances))]
+    return _pair(ordered_decisions, rules.pair) if rules.pair else ordered_decisions
+
+
+def _pair(decisions: list[Decision], roles: tuple[str, str]) -> list[Decision]:
+    """Pair the selected images of two roles within each study, in acquisition order (series, instance
+    number): the first frontal with the first lateral, and so on. Unpaired images stay selected alone."""
+    by_study: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, d in enumerate(decisions):
+        if d.selected and d.role in roles:
+            by_study[d.info.study_instance_uid][d.role].append(i)
+
+    def order(i: int) -> tuple[int, int, str]:
+        info = decisions[i].info
+        return (info.series_number or 0, info.instance_number or 0, info.sop_instance_uid)
+
+    out = list(decisions)
+    for groups in by_study.values():
+        firsts, seconds = sorted(groups[roles[0]], key=order), sorted(groups[roles[1]], key=order)
+        for a, b in zip(firsts, seconds, strict=False):
+            out[a] = replace(out[a], paired_with=decisions[b].info.sop_instance_uid, reason="selected (paired)")
+            out[b] = replace(out[b], paired_with=decisions[a].info.sop_instance_uid, reason="selected (paired)")
+    return out

@@ -129,15 +129,22 @@ class RenderSettings(BaseModel):
     max_long_edge: int = Field(default=512, ge=32, le=8192, description="long edge of rendered images, pixels")
     ct_windows: list[tuple[float, float]] = Field(
         default_factory=list,
-        description="CT as three windows stacked as RGB, e.g. [[-600,1500],[40,400],[400,1800]]; [] = one window",
+        description=(
+            "CT windows in HU for questions that name none: [] = the file's own window, one [center, width]"
+            " pair = that window, three = stacked as RGB, e.g. [[-600,1500],[40,400],[400,1800]]"
+        ),
     )
 
     @field_validator("ct_windows")
     @classmethod
-    def _three_windows(cls, v: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        if v and (len(v) != 3 or any(w <= 0 for _, w in v)):
-            raise ValueError("ct_windows takes three [center, width] pairs with positive widths")
-        return v
+    def _one_or_three_windows(cls, v: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        return check_ct_windows(v)
+
+
+def check_ct_windows(v: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    if len(v) not in (0, 1, 3) or any(w <= 0 for _, w in v):
+        raise ValueError("ct_windows takes one [center, width] pair or three (stacked as RGB), widths positive")
+    return v
 
 
 class FlowSettings(BaseModel):

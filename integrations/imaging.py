@@ -44,8 +44,14 @@ DEFAULT_WINDOWS: dict[str, tuple[float, float]] = {
 IMAGE_SOP_CLASS_HINT = "Image Storage"
 
 
+def window_key(ct_windows: Sequence[tuple[float, float]]) -> str:
+    """A CT window setting as a short stable text usable in object keys ("" = the file's own window):
+    center x width per window, "_" between windows, e.g. "-600x1500_40x400_400x1800"."""
+    return "_".join(f"{c:g}x{w:g}" for c, w in ct_windows)
+
+
 def render_version(max_long_edge: int, ct_windows: Sequence[tuple[float, float]] = ()) -> str:
-    windows = "-w" + "_".join(f"{c:g}:{w:g}" for c, w in ct_windows) if ct_windows else ""
+    windows = "-w" + window_key(ct_windows) if ct_windows else ""
     return f"{RENDER_PIPELINE_VERSION}-{max_long_edge}{windows}"
 
 
@@ -257,10 +263,10 @@ def render(
 ) -> RenderedImage:
     """Render one frame to PNG; raises DecodeError (a PermanentError) with a PHI-free reason.
 
-    `ct_windows`: for CT, three (center, width) windows in HU rendered as the R, G and B channels
-    (e.g. lung, mediastinum, bone) instead of one grey window."""
-    if ct_windows and len(ct_windows) != 3:
-        raise ValueError("ct_windows takes exactly three (center, width) pairs, one per colour channel")
+    `ct_windows`: for CT, one (center, width) window in HU that replaces the file's own window, or three
+    rendered as the R, G and B channels (e.g. lung, mediastinum, bone); () = the file's window."""
+    if len(ct_windows) not in (0, 1, 3):
+        raise ValueError("ct_windows takes one (center, width) pair, or three (one per colour channel)")
     steps: list[str] = []
     try:
         ds = source if isinstance(source, Dataset) else dcmread(source, force=True)
@@ -300,6 +306,13 @@ def render(
         elif samples == 3:
             rgb8 = _to_uint8_color(arr)
             steps.append(f"color({photometric.lower() or 'rgb'})")
+        elif modality == "CT" and len(ct_windows) == 1:
+            hu = apply_modality_lut(arr, ds).astype(np.float64)
+            (center, width), *_ = ct_windows
+            grey = np.round(_window(hu, center, width, "LINEAR") * 255.0).astype(np.uint8)
+            rgb8 = np.repeat(grey[..., None], 3, axis=2)
+            steps.append("rescale")
+            steps.append(f"ct-window({center:g}/{width:g})")
         elif modality == "CT" and ct_windows:
             hu = apply_modality_lut(arr, ds).astype(np.float64)
             channels = [_window(hu, c, w, "LINEAR") for c, w in ct_windows]

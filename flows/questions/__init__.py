@@ -7,7 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flows.settings import check_ct_windows
 from flows.yamlfile import load_yaml_model
+from integrations.imaging import window_key
 from integrations.ports import Question
 
 DEFAULT_BANK = "chest_ct_mr.yaml"
@@ -26,6 +28,16 @@ class QuestionSpec(BaseModel):
     prompt: str | None = Field(
         default=None, min_length=3, max_length=1000, description="how to put the question to the model, if not `text`"
     )
+    ct_windows: list[tuple[float, float]] | None = Field(
+        default=None,
+        description="CT only: the window(s) to ask this question on (one pair, or three stacked as RGB); "
+        "None = the render setting",
+    )
+
+    @field_validator("ct_windows")
+    @classmethod
+    def _windows(cls, v: list[tuple[float, float]] | None) -> list[tuple[float, float]] | None:
+        return None if v is None else check_ct_windows(v)
 
     @field_validator("modalities", "body_parts")
     @classmethod
@@ -42,6 +54,9 @@ class QuestionSpec(BaseModel):
         if modality.upper() not in self.modalities:
             return False
         return self.body_parts is None or body_part.upper() in self.body_parts
+
+    def window_key(self, default_windows: str) -> str:
+        return window_key(self.ct_windows) if self.ct_windows is not None else default_windows
 
     def as_question(self) -> Question:
         return Question(
@@ -70,8 +85,30 @@ class QuestionBank(BaseModel):
             seen.add(q.id)
         return self
 
-    def for_image(self, *, modality: str, body_part: str) -> tuple[Question, ...]:
-        return tuple(q.as_question() for q in self.questions if q.applies_to(modality, body_part))
+    def for_image(
+        self, *, modality: str, body_part: str, ct_window: str | None = None, default_windows: str = ""
+    ) -> tuple[Question, ...]:
+        """The questions to ask of one image. A CT image rendered with window key `ct_window` gets the
+        questions whose own windows (or, without any, `default_windows`) have that key."""
+        return tuple(
+            q.as_question()
+            for q in self.questions
+            if q.applies_to(modality, body_part)
+            and (ct_window is None or modality.upper() != "CT" or q.window_key(default_windows) == ct_window)
+        )
+
+    def ct_window_sets(
+        self, *, body_part: str, default_windows: list[tuple[float, float]]
+    ) -> list[list[tuple[float, float]]]:
+        """Every CT window setting a CT image of this body part is needed in: the default first (for the
+        caption and the questions naming none), then each other one a question names."""
+        out = [list(default_windows)]
+        keys = {window_key(default_windows)}
+        for q in self.questions:
+            if q.ct_windows is not None and q.applies_to("CT", body_part) and window_key(q.ct_windows) not in keys:
+                keys.add(window_key(q.ct_windows))
+                out.append(list(q.ct_windows))
+        return out
 
     def by_id(self, question_id: str) -> QuestionSpec:
         for q in self.questions:

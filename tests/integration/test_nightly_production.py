@@ -50,9 +50,10 @@ def test_nightly_on_orthanc_postgres_s3(prefect_harness, make_settings, orthanc,
     assert first["studies_done"] == 5
     c1 = table_counts(engine)
     assert c1["Study"] == 5
-    assert c1["Image"] == 9  # 3 chest frontals + 3 CT + 3 MR slices; 2 corrupt frontals fail
-    assert c1["Caption"] == 9
-    assert c1["Finding"] == 3 * 8 + 3 * 3 + 3 * 3
+    # 3 chest frontal + lateral pairs, 3 CT slices in 3 windows each, 3 MR slices; 2 corrupt frontals fail
+    assert c1["Image"] == 6 + 3 * 3 + 3
+    assert c1["Caption"] == 12
+    assert c1["Finding"] == 6 * 8 + 3 * 3 + 3 * 3
     assert c1["Failure"] == 2
     with Session(engine) as s:
         images = s.exec(select(Image)).all()

@@ -108,8 +108,8 @@ def test_nightly_flow_runs_against_triton(prefect_harness, make_settings, sample
         assert mv.backend == "triton"
         assert mv.name == "tiny-random-smolvlm"
         assert mv.options["triton_model"] == "nightread_vlm"
-        assert len(s.exec(select(Caption)).all()) == 9
-        assert len(s.exec(select(Finding)).all()) == 42
+        assert len(s.exec(select(Caption)).all()) == 12
+        assert len(s.exec(select(Finding)).all()) == 6 * 8 + 3 * 3 + 3 * 3
     assert run_nightly(settings)["new"] == 0
     engine.dispose()
 

@@ -75,7 +75,7 @@ def test_demo_runs_end_to_end_and_twice(tmp_path, tiny_model):
     assert str(tmp_path / "d" / "objects") in first.stdout.replace("\n", "")
     status = json.loads(run("status", "--json", env={**env, "NIGHTREAD_DATA_DIR": str(tmp_path / "d")}).stdout)
     assert status["studies"]["done"] == 5
-    assert status["captions"] == status["images"] == 9
+    assert (status["captions"], status["images"]) == (12, 18)  # CT slices in 3 windows, one caption each
     second = run("demo", "--data-dir", str(tmp_path / "d"), env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads(run("status", "--json", env={**env, "NIGHTREAD_DATA_DIR": str(tmp_path / "d")}).stdout)
@@ -242,7 +242,7 @@ def test_render_and_inspect_a_file_through_the_flows_pipeline(tmp_path):
 def test_rules_check(tmp_path):
     good = run("rules", "check", str(Path(__file__).resolve().parents[2] / "flows" / "selection.yaml"))
     assert good.returncode == 0
-    assert "7 rules, valid" in good.stdout
+    assert "8 rules, valid" in good.stdout
     bad_file = tmp_path / "rules.yaml"
     bad_file.write_text("rules: [{name: x, action: skip}]\n")
     bad = run("rules", "check", str(bad_file))
@@ -264,14 +264,19 @@ def test_rules_explain_shows_what_a_study_would_send(tmp_path, sample_pacs):
     settings = NightreadSettings(data_dir=tmp_path, pacs={"port": sample_pacs.port})
     upgrade(settings.database_url)
     src = DimseStudySource(name="s", host="127.0.0.1", port=sample_pacs.port, called_ae="SAMPLEPACS")
-    ct = next(r for r in src.find_studies(since=dt.datetime(2000, 1, 1)) if r.modalities == ("CT",))
+    found = src.find_studies(since=dt.datetime(2000, 1, 1))
+    ct = next(r for r in found if r.modalities == ("CT",))
+    cr = next(r for r in found if r.modalities == ("CR",))
     engine = make_engine(settings.database_url)
     with session_scope(engine) as session:
         source = repo.upsert_source(session=session, **source_row(settings.pacs))
         repo.register_studies(
             session=session,
             source_id=source.id,
-            studies=[{"study_instance_uid": ct.study_instance_uid, "number_of_instances": ct.number_of_instances}],
+            studies=[
+                {"study_instance_uid": x.study_instance_uid, "number_of_instances": x.number_of_instances}
+                for x in (ct, cr)
+            ],
         )
     engine.dispose()
     r = run("rules", "explain", ct.study_instance_uid, env=env)
@@ -281,4 +286,6 @@ def test_rules_explain_shows_what_a_study_would_send(tmp_path, sample_pacs):
     assert out.count("send") == 3
     assert "localizer/scout" in out
     assert ct.study_instance_uid not in out, "instances are shown by hash"
+    chest = run("rules", "explain", cr.study_instance_uid, env=env).stdout
+    assert chest.count("selected (paired) (paired with") == 2, chest
     assert run("rules", "explain", "999", env=env).returncode == 1

@@ -37,9 +37,11 @@ def test_nightly_end_to_end_then_idempotent(prefect_harness, settings):
     first = run_nightly(settings)
     assert (first["found"], first["new"], first["retrieved"], first["studies_done"]) == (5, 5, 5, 5)
     c1 = counts(engine)
-    # 3 chest frontals (+2 corrupt frontals that fail) + 3 CT + 3 MR representative slices
-    assert c1["Image"] == 9 == first["rendered"]
-    assert c1["Caption"] == 9
+    # 3 chest frontal + lateral pairs (+2 corrupt frontals that fail), 3 CT + 3 MR representative slices;
+    # each CT slice rendered in 3 windows (default, lung for ct_lung_nodule, bone for ct_fracture)
+    assert first["rendered"] == 12
+    assert c1["Image"] == 6 + 3 * 3 + 3
+    assert c1["Caption"] == 12  # one per view: CT captions on the default window only
     with Session(engine) as s:
         findings = s.exec(select(Finding)).all()
         images = {i.id: i for i in s.exec(select(Image)).all()}
@@ -47,8 +49,22 @@ def test_nightly_end_to_end_then_idempotent(prefect_harness, settings):
         mv = s.exec(select(ModelVersion)).one()
         source = s.exec(select(PacsSource)).one()
         failures = s.exec(select(Failure)).all()
-    # chest: 7 closed + 1 open per image; CT chest: 3 closed; MR: 2 closed + 1 open
-    assert len(findings) == 3 * 8 + 3 * 3 + 3 * 3 == c1["Finding"]
+    # chest: 7 closed + 1 open per image; CT chest: 3 closed (each on its window); MR: 2 closed + 1 open
+    assert len(findings) == 6 * 8 + 3 * 3 + 3 * 3 == c1["Finding"]
+    by_window = {
+        q: {images[f.image_id].ct_window for f in findings if f.question_id == q}
+        for q in ("ct_pleural_effusion", "ct_lung_nodule", "ct_fracture")
+    }
+    assert by_window == {"ct_pleural_effusion": {""}, "ct_lung_nodule": {"-600x1500"}, "ct_fracture": {"400x1800"}}
+    # chest frontal and lateral recorded as pairs, each pointing at the other
+    xr = [i for i in images.values() if i.modality in ("CR", "DX")]
+    assert sorted(i.view_role for i in xr) == ["frontal"] * 3 + ["lateral"] * 3
+    by_sop = {i.sop_instance_uid: i for i in xr}
+    for image in xr:
+        partner = by_sop[image.paired_sop_instance_uid]
+        assert partner.paired_sop_instance_uid == image.sop_instance_uid
+        assert partner.study_id == image.study_id
+        assert partner.view_role != image.view_role
     closed = [f for f in findings if f.kind == "closed"]
     assert all(0.0 <= f.probability <= 1.0 for f in closed)
     assert all(f.probability is None for f in findings if f.kind == "open")
@@ -71,7 +87,7 @@ def test_nightly_end_to_end_then_idempotent(prefect_harness, settings):
     # objects are in the store under keys without UIDs
     store = LocalObjectStore(settings.storage_root)
     keys = list(store.list("images/"))
-    assert len(keys) == 9
+    assert len(keys) == c1["Image"]
     uids = {s.study_instance_uid for s in studies} | {i.sop_instance_uid for i in images.values()}
     assert not any(uid in key for key in keys for uid in uids)
     assert all(store.get(i.object_key)[:4] == b"\x89PNG" for i in images.values())

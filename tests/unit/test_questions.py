@@ -56,3 +56,32 @@ def test_body_part_filter():
     ids = {q.id for q in bank.for_image(modality="CT", body_part="HEAD")}
     assert "ct_intracranial_hemorrhage" in ids
     assert "ct_intracranial_hemorrhage" not in {q.id for q in bank.for_image(modality="CT", body_part="CHEST")}
+
+
+def test_ct_questions_are_asked_on_their_own_window():
+    bank = load_bank()
+    sets = bank.ct_window_sets(body_part="CHEST", default_windows=[])
+    assert sets == [[], [(-600.0, 1500.0)], [(400.0, 1800.0)]]  # default first; the head-only brain window absent
+    assert [(40.0, 80.0)] in bank.ct_window_sets(body_part="HEAD", default_windows=[])
+
+    def ids(window: str, default: str = "") -> list[str]:
+        return [
+            q.id for q in bank.for_image(modality="CT", body_part="CHEST", ct_window=window, default_windows=default)
+        ]
+
+    assert ids("") == ["ct_pleural_effusion"]
+    assert ids("-600x1500") == ["ct_lung_nodule"]
+    assert ids("400x1800") == ["ct_fracture"]
+    # a stacked default setting: the questions naming no window are asked on it
+    assert ids("-600x1500_40x400_400x1800", default="-600x1500_40x400_400x1800") == ["ct_pleural_effusion"]
+    # other modalities ignore windows
+    assert len(bank.for_image(modality="MR", body_part="", ct_window=None)) == 3
+
+
+def test_a_question_with_two_windows_is_refused(tmp_path):
+    f = tmp_path / "bank.yaml"
+    f.write_text(
+        "name: x\nquestions:\n  - {id: a, text: Is it?, modalities: [CT], ct_windows: [[40, 400], [0, 100]]}\n"
+    )
+    with pytest.raises(ConfigurationError, match="ct_windows"):
+        load_bank(f)

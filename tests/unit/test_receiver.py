@@ -69,7 +69,7 @@ def test_pushed_studies_are_read_by_the_next_run(prefect_harness, make_settings,
     assert (result["new"], result["studies_done"], result["rendered"]) == (1, 1, 3)
     with Session(engine) as s:
         assert s.exec(select(Study)).one().status == "done"
-        assert len(s.exec(select(Image)).all()) == 3
+        assert len(s.exec(select(Image)).all()) == 3 * 3  # 3 slices, each in the 3 windows its questions need
     assert not study_folder(settings.inbox, ct.study_instance_uid).exists(), "the inbox is emptied once recorded"
     assert run_nightly(settings)["new"] == 0
     engine.dispose()

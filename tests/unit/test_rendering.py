@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from flows.annotate import object_key
 from integrations.errors import DecodeError
 from integrations.imaging import png_to_array, read_instance_info, render, render_version
+from integrations.storage import check_key
 
 
 def _ds(
@@ -169,7 +174,8 @@ def test_ct_three_windows_become_the_rgb_channels():
 
     for columns, value in ((slice(0, 10), -1000), (slice(10, 20), 40), (slice(20, 30), 1000)):
         assert np.abs(out[:, columns].reshape(-1, 3).mean(axis=0) - expected(value)).max() <= 1.5
-    assert r.render_version == "r1-512-w-600:1500_40:400_400:1800"
+    assert r.render_version == "r1-512-w-600x1500_40x400_400x1800"
+    check_key(object_key(study_uid="1.2", sop_uid="1.2.3", frame=0, render_version=r.render_version))
     assert render(ds).render_version == "r1-512", "one grey window is another render version"
 
 
@@ -207,3 +213,43 @@ def test_rgb_planar_configuration(planar):
     out = png_to_array(render(ds).png)
     assert tuple(out[0, 0]) == (200, 0, 0)
     assert tuple(out[0, 7]) == (200, 0, 100)
+
+
+def test_one_ct_window_replaces_the_files_own_window():
+    hu = np.zeros((30, 30), dtype=np.int32)
+    hu[:, :10], hu[:, 10:20], hu[:, 20:] = 0, 60, 120
+    ds = _ds((hu + 1024).astype(np.uint16), modality="CT", sop_class=CTImageStorage)
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.WindowCenter, ds.WindowWidth = 40, 400  # the file's own (mediastinum) window
+    brain = render(ds, ct_windows=[(40.0, 80.0)])  # 0..80 HU spread over the full grey range
+    out = png_to_array(brain.png).astype(int)
+    assert out[:, :10].max() <= 1
+    assert out[:, 20:].min() >= 254
+    assert 140 < out[0, 15, 0] < 225
+    assert brain.render_version == "r1-512-w40x80"
+    assert "ct-window(40/80)" in brain.steps
+    assert (out[..., 0] == out[..., 2]).all(), "one window stays grey"
+
+
+def test_ybr_full_422_uncompressed_becomes_rgb():
+    """pydicom's YBR_FULL_422 file: 4:2:2 subsampled luminance/chrominance, in bands of known colour."""
+    out = png_to_array(render(Path(get_testdata_file("SC_ybr_full_422_uncompressed.dcm"))).png).astype(int)
+    expected = {0: (255, 0, 0), 20: (0, 255, 0), 40: (0, 0, 255), 60: (0, 0, 0), 70: (64, 64, 64), 90: (255, 255, 255)}
+    for row, colour in expected.items():
+        assert np.abs(out[row, 50] - colour).max() <= 3, row
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_12_bits_stored_in_16_ignores_the_unused_high_bits(signed):
+    """12 bits stored, high bit 11: bits 12-15 may hold anything (overlays, garbage) and must not leak
+    into the values; signed 12-bit values are sign-extended from bit 11."""
+    low, high = (-2048, 2047) if signed else (0, 4095)
+    values = np.tile(np.linspace(low, high, 64).round().astype(np.int32), (8, 1))
+    stored = (values & 0x0FFF) | 0xA000  # junk in the 4 unused bits
+    ds = _ds(np.zeros((8, 64), dtype=np.uint16), signed=signed)
+    ds.PixelData = stored.astype("<u2").tobytes()
+    ds.WindowCenter, ds.WindowWidth = (low + high) / 2, high - low + 1
+    out = png_to_array(render(ds).png)[..., 0].astype(int)
+    assert out[0, 0] <= 1
+    assert out[0, -1] >= 254
+    assert (np.diff(out[0]) >= 0).all(), "a ramp renders as a ramp: no wrap-around from the junk bits"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def info(
     )
 
 
-def test_chest_frontal_selected_lateral_skipped():
+def test_chest_frontal_and_lateral_selected_and_paired():
     rules = load_rules()
     d = select(
         [
@@ -48,11 +49,31 @@ def test_chest_frontal_selected_lateral_skipped():
             info(2, modality="CR", view="LL", sop_class=CR),
             info(3, modality="DX", view="AP", sop_class=CR),
             info(4, modality="DX", view="", sop_class=CR),
+            info(5, modality="DX", view="OBL", sop_class=CR),
         ],
         rules,
     )
-    assert [x.selected for x in d] == [True, False, True, True]
-    assert d[1].reason == "not a frontal view"
+    assert [x.selected for x in d] == [True, True, True, True, False]
+    assert [x.role for x in d[:4]] == ["frontal", "lateral", "frontal", "frontal"]
+    # the first frontal (by instance number) is paired with the one lateral, both ways; the rest stand alone
+    assert (d[0].paired_with, d[1].paired_with) == ("1.2", "1.1")
+    assert d[2].paired_with is None
+    assert d[3].paired_with is None
+    assert d[4].reason == "not a frontal or lateral view"
+
+
+def test_pairs_stay_within_a_study():
+    rules = load_rules()
+    frontal = info(1, modality="DX", view="PA", sop_class=CR)
+    lateral = replace(info(2, modality="DX", view="LL", sop_class=CR), study_instance_uid="other")
+    assert [x.paired_with for x in select([frontal, lateral], rules)] == [None, None]
+
+
+def test_a_pair_naming_a_role_no_rule_has_is_refused(tmp_path):
+    f = tmp_path / "rules.yaml"
+    f.write_text("pair: [frontal, oblique]\nrules:\n  - {name: a, action: select, role: frontal}\n")
+    with pytest.raises(ConfigurationError, match="oblique"):
+        load_rules(f)
 
 
 def test_ct_representative_slices_evenly_spaced_by_position_not_file_order():

@@ -59,5 +59,8 @@ def test_ct_windows_setting(monkeypatch):
     monkeypatch.setenv("NIGHTREAD_RENDER__CT_WINDOWS", "[[-600,1500],[40,400],[400,1800]]")
     assert NightreadSettings().render.ct_windows == [(-600, 1500), (40, 400), (400, 1800)]
     monkeypatch.setenv("NIGHTREAD_RENDER__CT_WINDOWS", "[[-600,1500]]")
-    with pytest.raises(ValidationError, match="three"):
-        NightreadSettings()
+    assert NightreadSettings().render.ct_windows == [(-600, 1500)]
+    for bad in ("[[-600,1500],[40,400]]", "[[40,0]]"):
+        monkeypatch.setenv("NIGHTREAD_RENDER__CT_WINDOWS", bad)
+        with pytest.raises(ValidationError, match="one \\[center, width\\] pair or three"):
+            NightreadSettings()
