@@ -23,6 +23,15 @@ class Match(BaseModel):
     image_type_any: list[str] | None = None
     series_description_regex: str | None = None
     image_sop_class: bool | None = None
+    # SliceThickness in mm: [min, max], either may be null (an instance without one does not fit)
+    slice_thickness: tuple[float | None, float | None] | None = None
+    # planes from ImageOrientationPatient: AXIAL, CORONAL, SAGITTAL, OBLIQUE
+    orientations: list[Literal["AXIAL", "CORONAL", "SAGITTAL", "OBLIQUE"]] | None = None
+
+    @field_validator("orientations", mode="before")
+    @classmethod
+    def _upper_orientations(cls, v: object) -> object:
+        return [str(s).upper() for s in v] if isinstance(v, list) else v
 
     @field_validator("modalities", "body_parts", "view_positions", "image_type_any")
     @classmethod
@@ -49,6 +58,13 @@ class Match(BaseModel):
         if self.view_positions is not None and info.view_position not in self.view_positions:
             return False
         if self.image_type_any is not None and not set(self.image_type_any) & set(info.image_type):
+            return False
+        if self.slice_thickness is not None:
+            low, high = self.slice_thickness
+            t = info.slice_thickness
+            if t is None or (low is not None and t < low) or (high is not None and t > high):
+                return False
+        if self.orientations is not None and info.orientation not in self.orientations:
             return False
         return not (
             self.series_description_regex is not None

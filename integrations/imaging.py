@@ -73,6 +73,8 @@ class InstanceInfo:
     series_number: int | None = None
     instance_number: int | None = None
     slice_position: float | None = None
+    slice_thickness: float | None = None
+    orientation: str = ""  # AXIAL | CORONAL | SAGITTAL | OBLIQUE from ImageOrientationPatient, "" if absent
     number_of_frames: int = 1
     has_pixels: bool = False
     rows: int = 0
@@ -123,6 +125,32 @@ def _slice_position(ds: Dataset) -> float | None:
     return None
 
 
+def _orientation(ds: Dataset) -> str:
+    """The plane of ImageOrientationPatient: the axis the slice normal points along (within ~20°)."""
+    ori = ds.get("ImageOrientationPatient")
+    try:
+        if ori is None or len(ori) != 6:
+            return ""
+        normal = np.cross(np.asarray(ori[:3], float), np.asarray(ori[3:], float))
+        norm = float(np.linalg.norm(normal))
+        if norm == 0.0:
+            return ""
+        axis = int(np.argmax(np.abs(normal)))
+        if abs(normal[axis]) / norm < 0.94:
+            return "OBLIQUE"
+        return ("SAGITTAL", "CORONAL", "AXIAL")[axis]
+    except (TypeError, ValueError):
+        return ""
+
+
+def _float_or_none(ds: Dataset, keyword: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
 def read_instance_info(path: Path) -> InstanceInfo:
     """Header only; raises DecodeError for a file that is not DICOM."""
     try:
@@ -156,6 +184,8 @@ def read_instance_info(path: Path) -> InstanceInfo:
             series_number=as_int("SeriesNumber"),
             instance_number=as_int("InstanceNumber"),
             slice_position=_slice_position(ds),
+            slice_thickness=_float_or_none(ds, "SliceThickness"),
+            orientation=_orientation(ds),
             number_of_frames=as_int("NumberOfFrames") or 1,
             has_pixels=has_pixels,
             rows=as_int("Rows") or 0,

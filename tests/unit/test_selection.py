@@ -140,3 +140,50 @@ def test_bad_rules_file_names_the_field(tmp_path):
         load_rules(bad)
     with pytest.raises(ConfigurationError, match="cannot be read"):
         load_rules(tmp_path / "missing.yaml")
+
+
+def test_slice_thickness_and_orientation_rules(tmp_path):
+    f = tmp_path / "rules.yaml"
+    f.write_text(
+        "rules:\n"
+        "  - {name: thin-axial, match: {modalities: [CT], slice_thickness: [null, 1.5], orientations: [axial]},"
+        " action: representative, count: 1}\n"
+        "  - {name: rest, action: skip, reason: other}\n"
+    )
+    rules = load_rules(f)
+    thin_axial = replace(info(1, z=0.0), slice_thickness=1.0, orientation="AXIAL")
+    thick = replace(info(2, series="b", z=0.0), slice_thickness=5.0, orientation="AXIAL")
+    coronal = replace(info(3, series="c", z=0.0), slice_thickness=1.0, orientation="CORONAL")
+    unknown = info(4, series="d", z=0.0)  # no SliceThickness: does not fit a thickness range
+    assert [d.rule for d in select([thin_axial, thick, coronal, unknown], rules)] == [
+        "thin-axial",
+        "rest",
+        "rest",
+        "rest",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("iop", "plane"),
+    [
+        ([1, 0, 0, 0, 1, 0], "AXIAL"),
+        ([1, 0, 0, 0, 0, -1], "CORONAL"),
+        ([0, 1, 0, 0, 0, -1], "SAGITTAL"),
+        ([1, 0, 0, 0, 0.7071, 0.7071], "OBLIQUE"),
+    ],
+)
+def test_orientation_is_read_from_image_orientation_patient(tmp_path, iop, plane):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    from integrations.imaging import read_instance_info
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
+    ds.ImageOrientationPatient, ds.SliceThickness = iop, "1.25"
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    read = read_instance_info(tmp_path / "x.dcm")
+    assert (read.orientation, read.slice_thickness) == (plane, 1.25)
