@@ -159,3 +159,78 @@ class Failure(SQLModel, table=True):
     resolved: bool = False
     created_at: dt.datetime = Field(default_factory=utcnow)
     updated_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class StructuredReport(SQLModel, table=True):
+    """A DICOM SR built for a study and model version (integrations/sr.py); the file is in the object
+    store. Its SOP Instance UID is derived from its content: the same findings give the same UID."""
+
+    __tablename__ = "structured_report"
+    id: int | None = Field(default=None, primary_key=True)
+    study_id: int = Field(foreign_key="study.id", index=True)
+    model_version_id: int = Field(foreign_key="model_version.id")
+    bank_version: str = Field(max_length=32)
+    sop_instance_uid: str = Field(max_length=64, unique=True)
+    series_instance_uid: str = Field(max_length=64)
+    content_sha: str = Field(max_length=64)
+    object_key: str = Field(max_length=512)
+    images: int = 0
+    findings: int = 0
+    sent_at: dt.datetime | None = None  # written back to the PACS (C-STORE or STOW-RS)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Role:
+    VIEWER = "viewer"  # reads the queue and studies
+    REVIEWER = "reviewer"  # + decides on findings
+    ADMIN = "admin"  # + everything a reviewer does (user management is the CLI's)
+
+    ALL = (VIEWER, REVIEWER, ADMIN)
+    DECIDE = (REVIEWER, ADMIN)
+
+
+class AppUser(SQLModel, table=True):
+    """A person who signs in to the review page (password hashed with argon2id)."""
+
+    __tablename__ = "app_user"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True, index=True)
+    role: str = Field(max_length=16)
+    password_hash: str = Field(max_length=255)
+    disabled: bool = False
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Decision:
+    CONFIRM = "confirm"  # the model's answer is right
+    REJECT = "reject"  # the model's answer is wrong
+    CORRECT = "correct"  # the right answer is `to_answer`
+    COMMENT = "comment"  # a comment only; the finding's review state does not change
+
+    ALL = (CONFIRM, REJECT, CORRECT, COMMENT)
+
+
+class Review(SQLModel, table=True):
+    """One decision on one finding. Append-only (triggers refuse UPDATE and DELETE): the latest row
+    of a finding is its review state, the earlier ones its history."""
+
+    __tablename__ = "review"
+    id: int | None = Field(default=None, primary_key=True)
+    finding_id: int = Field(foreign_key="finding.id", index=True)
+    user_id: int = Field(foreign_key="app_user.id")
+    decision: str = Field(max_length=16)
+    from_answer: str | None = Field(default=None, max_length=255)
+    to_answer: str | None = Field(default=None, max_length=255)
+    comment: str | None = Field(default=None, max_length=2000)
+    created_at: dt.datetime = Field(default_factory=utcnow, index=True)
+
+
+class StudyIdentity(SQLModel, table=True):
+    """Patient identifiers of a study, kept only when `review.show_patient_identifiers` is on (the
+    review page shows them to signed-in users then); nothing else reads this table."""
+
+    __tablename__ = "study_identity"
+    study_id: int = Field(foreign_key="study.id", primary_key=True)
+    patient_name: str | None = Field(default=None, max_length=255)
+    patient_id: str | None = Field(default=None, max_length=64)
+    accession_number: str | None = Field(default=None, max_length=64)

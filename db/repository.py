@@ -22,7 +22,9 @@ from db.models import (
     ModelVersion,
     PacsSource,
     Run,
+    StructuredReport,
     Study,
+    StudyIdentity,
     StudyStatus,
     utcnow,
 )
@@ -392,6 +394,8 @@ def status_counts(*, session: Session) -> dict[str, Any]:
         "flags": count(Finding, col(Finding.flagged).is_(True)),
         "failures": count(Failure, col(Failure.resolved).is_(False)),
         "model_versions": count(ModelVersion),
+        "reports": count(StructuredReport),
+        "reports_sent": count(StructuredReport, col(StructuredReport.sent_at).is_not(None)),
         "last_run": None
         if last is None
         else {
@@ -403,3 +407,42 @@ def status_counts(*, session: Session) -> dict[str, Any]:
             "counts": last.counts,
         },
     }
+
+
+def report_inputs(
+    *, session: Session, study_id: int, model_version_id: int, bank_version: str
+) -> list[tuple[Image, Caption | None, list[Finding]]]:
+    """Each image of a study with its caption and findings by one model version and bank version."""
+    images = session.exec(select(Image).where(Image.study_id == study_id).order_by(col(Image.id))).all()
+    ids = [i.id for i in images]
+    captions = {
+        c.image_id: c
+        for c in session.exec(
+            select(Caption).where(col(Caption.image_id).in_(ids), Caption.model_version_id == model_version_id)
+        ).all()
+    }
+    findings: dict[int, list[Finding]] = {}
+    for f in session.exec(
+        select(Finding)
+        .where(
+            Finding.study_id == study_id,
+            Finding.model_version_id == model_version_id,
+            Finding.bank_version == bank_version,
+        )
+        .order_by(col(Finding.id))
+    ).all():
+        findings.setdefault(f.image_id, []).append(f)
+    return [(i, captions.get(i.id or 0), findings.get(i.id or 0, [])) for i in images]
+
+
+def record_report(*, session: Session, values: Mapping[str, Any]) -> StructuredReport:
+    """Insert an SR row unless its (content-derived) SOP Instance UID is known; return the row."""
+    _insert_ignore(session, StructuredReport, [dict(values)], ["sop_instance_uid"])
+    return session.exec(
+        select(StructuredReport).where(StructuredReport.sop_instance_uid == values["sop_instance_uid"])
+    ).one()
+
+
+def save_study_identity(*, session: Session, study_id: int, values: Mapping[str, Any]) -> None:
+    stmt = _insert(session, StudyIdentity).values({"study_id": study_id, **values})
+    session.exec(stmt.on_conflict_do_update(index_elements=["study_id"], set_=dict(values)))

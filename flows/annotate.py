@@ -85,6 +85,8 @@ def render_study(rt: Runtime, study_id: int, retrieved: RetrievedStudy, run_id: 
                     run_id=run_id,
                 )
                 counts["failed"] += 1
+    if rt.settings.review.show_patient_identifiers and retrieved.files:
+        _keep_identity(rt, study_id, retrieved)
     decisions = select(infos, rt.rules)
     max_edge = rt.settings.render.max_long_edge
     image_ids: list[int] = []
@@ -117,6 +119,28 @@ def render_study(rt: Runtime, study_id: int, retrieved: RetrievedStudy, run_id: 
                 logger.warning("study %d: instance %s not rendered: %s", study_id, ref, exc)
                 counts["failed"] += 1
     return {"image_ids": image_ids, **counts}
+
+
+def _keep_identity(rt: Runtime, study_id: int, retrieved: RetrievedStudy) -> None:
+    """Patient name/ID and accession for the review page (setting review.show_patient_identifiers)."""
+    from pydicom import dcmread
+
+    for path in retrieved.files:
+        try:
+            ds = dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:  # an unreadable file has its own failure row; try the next
+            continue
+        with session_scope(rt.engine) as session:
+            repo.save_study_identity(
+                session=session,
+                study_id=study_id,
+                values={
+                    "patient_name": str(ds.get("PatientName", ""))[:255] or None,
+                    "patient_id": str(ds.get("PatientID", ""))[:64] or None,
+                    "accession_number": str(ds.get("AccessionNumber", ""))[:64] or None,
+                },
+            )
+        return
 
 
 def _render_one(
@@ -273,6 +297,27 @@ def ensure_model_version(rt: Runtime) -> int:
         return mv.id
 
 
+def _report(
+    rt: Runtime, study_id: int, model_version_id: int, retrieved: RetrievedStudy, run_id: int | None
+) -> dict[str, int]:
+    """The study's SR (and its write-back). A failure here is recorded; the findings stay valid."""
+    from flows.writeback import write_report
+
+    ref = f"study:{study_id}:mv:{model_version_id}"
+    try:
+        counts = write_report(rt, study_id, model_version_id, retrieved)
+    except NightreadError as exc:
+        with session_scope(rt.engine) as session:
+            repo.record_failure(
+                session=session, stage="report", object_ref=ref, error=exc, study_id=study_id, run_id=run_id
+            )
+        get_run_logger().warning("study %d: report not written or not sent: %s", study_id, exc)
+        return {"report_failures": 1}
+    with session_scope(rt.engine) as session:
+        repo.resolve_failures(session=session, stage="report", object_ref=ref)
+    return counts
+
+
 @task(name="process-study", cache_policy=NO_CACHE)
 def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, int]:
     """One study end to end. Never raises for the study's own problems: they are recorded."""
@@ -300,6 +345,7 @@ def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, i
                 retries=flow_settings.retries, retry_delay_seconds=flow_settings.retry_delay_s
             )(rt, study_id, image_ids, model_version_id)
         )
+        counts.update(_report(rt, study_id, model_version_id, retrieved, run_id))
         with session_scope(rt.engine) as session:
             study = repo.update_study(session=session, study_id=study_id, status=StudyStatus.DONE, last_error=None)
             repo.resolve_failures(session=session, stage="study", object_ref=f"study:{study_id}")

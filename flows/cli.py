@@ -118,7 +118,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="one JSON object
     table = Table(title="nightread status", show_header=False)
     for key, value in data["studies"].items():
         table.add_row(f"studies {key}", str(value))
-    for key in ("images", "captions", "findings", "flags", "failures", "model_versions"):
+    for key in ("images", "captions", "findings", "flags", "failures", "model_versions", "reports", "reports_sent"):
         table.add_row(key, str(data[key]))
     last = data["last_run"]
     table.add_row(
@@ -144,7 +144,8 @@ def _summary_table(result: dict[str, Any], title: str) -> Table:
         ("captions", result.get("captions", 0)),
         ("findings", result.get("findings", 0)),
         ("flags", result.get("flags", 0)),
-        ("failures", result.get("failed", 0) + result.get("studies_failed", 0)),
+        ("SR reports (sent to PACS)", f"{result.get('reports', 0)} ({result.get('reports_sent', 0)})"),
+        ("failures", result.get("failed", 0) + result.get("studies_failed", 0) + result.get("report_failures", 0)),
         ("wall time", f"{result.get('wall_s', 0):.1f} s"),
     ]
     for name, value in rows:
@@ -254,7 +255,9 @@ def demo(
     try:
         settings = settings.model_copy(
             update={
-                "pacs": settings.pacs.model_copy(update={"host": "127.0.0.1", "port": pacs.port, "name": "sample-pacs"})
+                "pacs": settings.pacs.model_copy(
+                    update={"host": "127.0.0.1", "port": pacs.port, "name": "sample-pacs", "write_back": True}
+                )
             }
         )
         console.print(

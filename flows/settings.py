@@ -58,11 +58,16 @@ class PacsSettings(BaseModel):
     quiet_period_s: float = Field(
         default=120.0, ge=0, description="push: a study with no new instance for this long is complete"
     )
+    write_back: bool = Field(
+        default=False, description="send each study's SR back to this PACS (C-STORE; STOW-RS for dicomweb)"
+    )
 
     @model_validator(mode="after")
     def _url_for_dicomweb(self) -> PacsSettings:
         if self.kind == "dicomweb" and not self.url:
             raise ValueError(f'source "{self.name}": kind dicomweb needs a url')
+        if self.kind == "push" and self.write_back:
+            raise ValueError(f'source "{self.name}": a push source has no PACS to write back to')
         return self
 
     @field_validator("called_ae", "calling_ae")
@@ -147,6 +152,25 @@ def check_ct_windows(v: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return v
 
 
+class ReviewSettings(BaseModel):
+    """`nightread review`: the QA web page."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    secret_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="signs session cookies and API tokens; empty: a random key kept in data_dir/review-secret",
+    )
+    secure_cookies: bool = Field(default=False, description="mark cookies Secure (on when served over HTTPS)")
+    session_max_age_s: int = Field(default=8 * 3600, ge=60)
+    token_ttl_s: int = Field(default=3600, ge=60, description="lifetime of a bearer token from POST /api/token")
+    show_patient_identifiers: bool = Field(
+        default=False,
+        description="keep patient name/ID/accession of each study and show them on the page (off: never stored)",
+    )
+    page_size: int = Field(default=25, ge=1, le=500)
+
+
 class FlowSettings(BaseModel):
     concurrency: int = Field(default=2, ge=1, le=64, description="studies retrieved and rendered at once")
     annotating_studies: int = Field(
@@ -177,6 +201,7 @@ class NightreadSettings(BaseSettings):
     triton: TritonSettings = Field(default_factory=TritonSettings)
     render: RenderSettings = Field(default_factory=RenderSettings)
     flow: FlowSettings = Field(default_factory=FlowSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
     questions_file: Path | None = Field(default=None, description="question bank YAML; default: the bundled one")
     rules_file: Path | None = Field(default=None, description="selection rules YAML; default: the bundled one")
 

@@ -111,6 +111,11 @@ class DicomWebStudySource:
                 return out
             offset += len(page)
 
+    def store_instances(self, datasets: Sequence[Dataset]) -> None:
+        """STOW-RS our own objects (the SR) to the server."""
+        with self._errors("STOW-RS"):
+            self.client.store_instances(datasets=list(datasets))
+
     def echo(self) -> None:
         with self._errors("QIDO-RS"):
             self.client.search_for_studies(limit=1, fields=["StudyInstanceUID"])

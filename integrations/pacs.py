@@ -315,6 +315,17 @@ class DimseStudySource:
             if "Status" not in status or int(status.Status) != 0:
                 raise _status_error("C-ECHO", status, self.called_ae, self.calling_ae)
 
+    def store_instances(self, datasets: Sequence[Dataset]) -> None:
+        """C-STORE our own objects (the SR) to the PACS; a refusal names the status."""
+        ae = self._ae()
+        for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
+            ae.add_requested_context(sop_class, [str(ds.file_meta.TransferSyntaxUID) for ds in datasets][:1])
+        with self._connect(ae) as assoc:
+            for ds in datasets:
+                status = assoc.send_c_store(ds)
+                if "Status" not in status or int(status.Status) not in (0x0000, 0xB000, 0xB007, 0xB006):
+                    raise _status_error("C-STORE", status, self.called_ae, self.calling_ae)
+
     def _find(self, identifier: Dataset) -> list[Dataset]:
         ae = self._ae()
         ae.add_requested_context(sc.StudyRootQueryRetrieveInformationModelFind)

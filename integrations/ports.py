@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from pydicom import Dataset
+
 
 @dataclass(frozen=True)
 class StudyRef:
@@ -64,6 +66,13 @@ class StudySource(Protocol):
     def find_series(self, study_instance_uid: str) -> list[SeriesRef]: ...
 
     def retrieve_study(self, study_instance_uid: str, *, dest: Path, expected: int | None = None) -> RetrievedStudy: ...
+
+
+@runtime_checkable
+class WritableSource(Protocol):
+    """A source we can send our own DICOM objects (SRs) back to: C-STORE or STOW-RS."""
+
+    def store_instances(self, datasets: Sequence[Dataset]) -> None: ...
 
 
 @runtime_checkable

@@ -28,9 +28,11 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
+    ComprehensiveSRStorage,
     ComputedRadiographyImageStorage,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
+    EnhancedSRStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     MRImageStorage,
@@ -545,6 +547,8 @@ class SamplePacs:
         self._server: Any = None
         self._lock = threading.Lock()
         self.associations = 0
+        # objects sent to it (nightread's SRs), kept apart from the archive it answers queries from
+        self.stored: dict[str, Dataset] = {}
 
     @property
     def port(self) -> int:
@@ -566,6 +570,8 @@ class SamplePacs:
             )
         for sop_class in STORAGE_CLASSES:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for sop_class in (ComprehensiveSRStorage, EnhancedSRStorage):  # write-back of reports
+            ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         return ae
 
     def __enter__(self) -> SamplePacs:
@@ -581,6 +587,7 @@ class SamplePacs:
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_GET, self._on_get),
             (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_open),
         ]
         self._server = self._ae().start_server((self.host, self._requested_port), block=False, evt_handlers=handlers)
@@ -594,6 +601,13 @@ class SamplePacs:
     def _on_open(self, event: Any) -> None:
         with self._lock:
             self.associations += 1
+
+    def _on_store(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        with self._lock:
+            self.stored[str(ds.SOPInstanceUID)] = ds
+        return 0x0000
 
     def _on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         try:

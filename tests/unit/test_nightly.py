@@ -6,12 +6,13 @@ import pytest
 from sqlmodel import Session, func, select
 
 from db.migrate import upgrade
-from db.models import Caption, Failure, Finding, Image, ModelVersion, PacsSource, Run, Study
+from db.models import Caption, Failure, Finding, Image, ModelVersion, PacsSource, Run, StructuredReport, Study
 from db.session import make_engine
 from flows.annotate import annotate_study
 from flows.nightly import run_nightly
 from flows.questions import load_bank
 from integrations.imaging import values_of
+from integrations.sr import read_sr_findings
 from integrations.storage import LocalObjectStore
 
 pytestmark = pytest.mark.slow
@@ -21,7 +22,7 @@ def counts(engine) -> dict[str, int]:
     with Session(engine) as s:
         return {
             m.__name__: s.exec(select(func.count()).select_from(m)).one()
-            for m in (Study, Image, Caption, Finding, ModelVersion, Failure, Run)
+            for m in (Study, Image, Caption, Finding, ModelVersion, Failure, Run, StructuredReport)
         }
 
 
@@ -92,6 +93,20 @@ def test_nightly_end_to_end_then_idempotent(prefect_harness, settings):
     assert not any(uid in key for key in keys for uid in uids)
     assert all(store.get(i.object_key)[:4] == b"\x89PNG" for i in images.values())
 
+    # one SR per study, read back with highdicom: every image with a caption or answers is in it
+    with Session(engine) as s:
+        reports = s.exec(select(StructuredReport)).all()
+    assert len(reports) == 5 == first["reports"]
+    for report in reports:
+        read = read_sr_findings(store.get(report.object_key))
+        study_images = {(i.sop_instance_uid, i.frame) for i in images.values() if i.study_id == report.study_id}
+        assert set(read["images"]) == study_images
+        answers = sum(len(e["answers"]) for e in read["images"].values())
+        assert answers == report.findings == sum(1 for f in findings if f.study_id == report.study_id)
+        assert read["algorithm"]["name"] == "tiny-random-smolvlm"
+        assert f"question_bank={load_bank().version}" in read["algorithm"]["parameters"]
+        assert report.sent_at is None, "write_back is off for this source"
+
     second = run_nightly(settings)
     assert second["new"] == 0
     assert second.get("retrieved", 0) == 0
@@ -108,6 +123,28 @@ def test_nightly_end_to_end_then_idempotent(prefect_harness, settings):
     with Session(engine) as s:
         runs = s.exec(select(Run)).all()
     assert [r.status for r in runs] == ["completed_with_failures", "completed"]
+    engine.dispose()
+
+
+def test_reports_are_written_back_once(prefect_harness, make_settings, sample_pacs):
+    """write_back on: each study's SR is C-STOREd to the PACS; re-running a study whose findings did not
+    change derives the same SOP Instance UID, so nothing new is built or sent."""
+    settings = make_settings(pacs={"port": sample_pacs.port, "called_ae": sample_pacs.ae_title, "write_back": True})
+    upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    result = run_nightly(settings)
+    assert (result["reports"], result["reports_sent"]) == (5, 5)
+    with Session(engine) as s:
+        reports = s.exec(select(StructuredReport)).all()
+    assert all(r.sent_at is not None for r in reports)
+    stored = {uid: sample_pacs.stored[uid] for uid in (r.sop_instance_uid for r in reports)}
+    assert {str(ds.SOPClassUID.name) for ds in stored.values()} == {"Comprehensive SR Storage"}
+    assert all("not for clinical use" in ds.SeriesDescription for ds in stored.values())
+    before = dict(sample_pacs.stored)
+    annotate_study(study_id=reports[0].study_id, settings=settings)
+    with Session(engine) as s:
+        assert len(s.exec(select(StructuredReport)).all()) == 5
+    assert sample_pacs.stored.keys() == before.keys()
     engine.dispose()
 
 
