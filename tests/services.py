@@ -238,6 +238,13 @@ class Orthanc:
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
 
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=60) as r:
+            return bytes(r.read())
+
+    def delete(self, path: str) -> None:
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}{path}", method="DELETE"), timeout=30).close()
+
     def delete_all(self) -> None:
         for pid in self.get_json("/patients"):  # type: ignore[union-attr]
             req = urllib.request.Request(f"{self.url}/patients/{pid}", method="DELETE")

@@ -5,22 +5,27 @@ Once per retrieval route: C-GET, C-MOVE to nightread's storage SCP, and DICOMweb
 
 from __future__ import annotations
 
+from io import BytesIO
+
 import pytest
+from pydicom import dcmread
 from sqlmodel import Session, func, select
 
 from db.migrate import upgrade
-from db.models import Caption, Failure, Finding, Image, PacsSource, Study
+from db.models import Caption, Failure, Finding, Image, PacsSource, StructuredReport, Study
 from db.session import make_engine
 from flows.nightly import run_nightly
 from flows.runtime import build_store
+from integrations.sr import read_sr_findings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def source_for(route: str, orthanc) -> dict[str, object]:
     if route == "dicomweb":
-        return {"name": "orthanc-web", "kind": "dicomweb", "url": f"{orthanc.url}/dicom-web"}
+        return {"name": "orthanc-web", "kind": "dicomweb", "url": f"{orthanc.url}/dicom-web", "write_back": True}
     return {
+        "write_back": True,
         "name": f"orthanc-{route}",
         "kind": "dimse",
         "host": "127.0.0.1",
@@ -67,9 +72,31 @@ def test_nightly_on_orthanc_postgres_s3(prefect_harness, make_settings, orthanc,
     assert keys == sorted(i.object_key for i in images)
     assert all(store.get(k)[:8] == b"\x89PNG\r\n\x1a\n" for k in keys)
 
-    second = run_nightly(settings)
-    assert second["new"] == 0
-    assert second.get("retrieved", 0) == 0
-    assert table_counts(engine) == c1
-    assert sorted(store.list("images/")) == keys
+    # the SRs went back to Orthanc (C-STORE, or STOW-RS for DICOMweb) and read back from it
+    with Session(engine) as s:
+        reports = s.exec(select(StructuredReport)).all()
+    assert (first["reports"], first["reports_sent"], len(reports)) == (5, 5, 5)
+    in_orthanc = []
+    try:
+        for report in reports:
+            (found,) = orthanc.post_json(
+                "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": report.sop_instance_uid}}
+            )
+            in_orthanc.append(found)
+            raw = orthanc.get_bytes(f"/instances/{found}/file")
+            ours = dcmread(BytesIO(store.get(report.object_key)))
+            assert dcmread(BytesIO(raw)) == ours, "the PACS holds the SR we stored (its file meta is its own)"
+            read = read_sr_findings(raw)
+            assert read["disclaimer"] == "AI generated - not for clinical use"
+            assert sum(len(e["answers"]) for e in read["images"].values()) == report.findings
+
+        second = run_nightly(settings)
+        assert second["new"] == 0
+        assert second.get("retrieved", 0) == 0
+        assert second.get("reports_sent", 0) == 0
+        assert {k: v for k, v in table_counts(engine).items()} == c1
+        assert sorted(store.list("images/")) == keys
+    finally:  # leave Orthanc as the fixture seeded it for the other tests
+        for instance in in_orthanc:
+            orthanc.delete(f"/instances/{instance}")
     engine.dispose()
