@@ -733,3 +733,157 @@ def model_tiny(
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+# --- review page, users, audit --------------------------------------------------------------------------
+users_app = typer.Typer(help="Users of the review page.", no_args_is_help=True)
+audit_app = typer.Typer(help="The review audit trail.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+app.add_typer(audit_app, name="audit")
+
+
+def build_review_app(settings: NightreadSettings) -> Any:
+    """The review app wired to the configured database, object store and question bank."""
+    from flows.questions import load_bank
+    from flows.runtime import build_store
+    from review.app import ReviewConfig, create_app
+    from review.auth import load_secret
+
+    r = settings.review
+    bank = load_bank(settings.questions_file)
+    config = ReviewConfig(
+        secret=load_secret(r.secret_key.get_secret_value(), settings.data_dir),
+        secure_cookies=r.secure_cookies,
+        session_max_age_s=r.session_max_age_s,
+        token_ttl_s=r.token_ttl_s,
+        show_patient_identifiers=r.show_patient_identifiers,
+        page_size=r.page_size,
+        critical_ids=tuple(q.id for q in bank.questions if q.critical),
+        question_texts={q.id: q.text for q in bank.questions},
+    )
+    return create_app(engine=_engine_at_head(settings), store=build_store(settings), config=config)
+
+
+@app.command()
+def review(
+    host: Annotated[str | None, typer.Option(help="address to listen on (default NIGHTREAD_REVIEW__HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default NIGHTREAD_REVIEW__PORT)")] = None,
+) -> None:
+    """Serve the QA review page (and its /api) until interrupted."""
+    import uvicorn
+
+    settings = _settings()
+    application = build_review_app(settings)
+    h, p = host or settings.review.host, port if port is not None else settings.review.port
+    console.print(f"review page on http://{h}:{p}/ (API docs at /docs after logging in)")
+    uvicorn.run(application, host=h, port=p, log_level="warning", proxy_headers=False)
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="user name")],
+    role: Annotated[str, typer.Option(help="reviewer | viewer | admin")] = "reviewer",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
+) -> None:
+    """Add a user; the password comes from stdin (`--password-stdin`) or a hidden prompt."""
+    from db import reviews
+    from db.session import session_scope
+    from review.auth import hash_password
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    try:
+        hashed = hash_password(password)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    engine = _engine_at_head(_settings())
+    try:
+        with session_scope(engine) as session:
+            reviews.add_user(session=session, name=name, role=role, password_hash=hashed)
+    except reviews.ReviewError as exc:
+        raise _fail(str(exc), 2) from None
+    finally:
+        engine.dispose()
+    console.print(f"user {name} added ({role})")
+
+
+@users_app.command("list")
+def users_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON array")] = False) -> None:
+    """Every user with role and state (never a password hash)."""
+    from db import reviews
+    from db.session import session_scope
+
+    engine = _engine_at_head(_settings())
+    with session_scope(engine) as session:
+        rows: list[dict[str, Any]] = [
+            {"name": u.name, "role": u.role, "disabled": u.disabled, "created_at": u.created_at.isoformat()}
+            for u in reviews.list_users(session=session)
+        ]
+    engine.dispose()
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    table = Table(title="users")
+    for column in ("name", "role", "state", "created"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["name"], r["role"], "disabled" if r["disabled"] else "active", r["created_at"][:19])
+    console.print(table)
+
+
+@users_app.command("disable")
+def users_disable(name: Annotated[str, typer.Argument(help="user name")]) -> None:
+    """Disable a user: they can no longer log in, and their sessions and tokens stop working."""
+    from db import reviews
+    from db.session import session_scope
+
+    engine = _engine_at_head(_settings())
+    try:
+        with session_scope(engine) as session:
+            reviews.disable_user(session=session, name=name)
+    except reviews.ReviewError as exc:
+        raise _fail(str(exc), 2) from None
+    finally:
+        engine.dispose()
+    console.print(f"user {name} disabled")
+
+
+@audit_app.command("export")
+def audit_export(
+    out: Annotated[Path, typer.Option("--out", help="CSV file to write ('-' for stdout)")] = Path("-"),
+) -> None:
+    """Every review decision (who, when, what, from which answer to which) as CSV, oldest first."""
+    import csv
+
+    from db import reviews
+    from db.session import session_scope
+
+    engine = _engine_at_head(_settings())
+    with session_scope(engine) as session:
+        rows = reviews.audit_rows(session=session)
+    engine.dispose()
+    fields = [
+        "review_id",
+        "at",
+        "user",
+        "finding_id",
+        "study_id",
+        "question_id",
+        "model_version_id",
+        "decision",
+        "from_answer",
+        "to_answer",
+        "comment",
+    ]
+    if str(out) == "-":
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    console.print(f"{len(rows)} decision(s) written to {out}")
