@@ -4,11 +4,8 @@ process) and the browser tests (a real server, a real Chromium)."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
-import numpy as np
-from PIL import Image as PILImage
 from sqlalchemy.engine import Engine
 
 from db import reviews
@@ -50,12 +47,22 @@ class Seeded:
     model_version_id: int
 
 
-def _png(shade: int) -> bytes:
-    arr = np.full((64, 48, 3), shade, dtype=np.uint8)
-    arr[20:44, 12:36] = 255 - shade
-    buf = io.BytesIO()
-    PILImage.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+def _pngs() -> dict[str, tuple[bytes, int, int]]:
+    """A synthetic chest radiograph and CT slice from the sample PACS, through the real render pipeline."""
+    from integrations.imaging import render
+    from integrations.sample_pacs import generate_studies
+
+    out: dict[str, tuple[bytes, int, int]] = {}
+    for study in generate_studies(seed=7):
+        modality = str(study.instances[0].Modality)
+        first = (
+            study.instances[0] if modality == "CR" else study.instances[len(study.instances) // 2]
+        )  # PA; a mid slice
+        key = {"CR": "cr", "CT": "ct"}.get(modality)
+        if key and key not in out and "LOCALIZER" not in [str(v) for v in first.get("ImageType", [])]:
+            r = render(first)
+            out[key] = (r.png, r.width, r.height)
+    return out
 
 
 def seed(engine: Engine, store: ObjectStore, *, identities: bool = False) -> Seeded:
@@ -65,6 +72,7 @@ def seed(engine: Engine, store: ObjectStore, *, identities: bool = False) -> See
         session.flush()
         assert mv.id is not None
         studies, images, findings = {}, {}, {}
+        pngs = _pngs()
         for key, modality, date in (("cr", "CR", "20240105"), ("ct", "CT", "20240106")):
             study = Study(
                 study_instance_uid=f"1.2.826.0.1.3680043.10.1071.999{len(studies)}",
@@ -77,7 +85,8 @@ def seed(engine: Engine, store: ObjectStore, *, identities: bool = False) -> See
             assert study.id is not None
             studies[key] = study.id
             object_key = f"images/seed/{key}.png"
-            store.put(object_key, _png(40 if key == "cr" else 90), content_type="image/png")
+            png, width, height = pngs[key]
+            store.put(object_key, png, content_type="image/png")
             image = Image(
                 study_id=study.id,
                 sop_instance_uid=f"1.2.826.0.1.3680043.10.1071.888{len(images)}",
@@ -87,8 +96,8 @@ def seed(engine: Engine, store: ObjectStore, *, identities: bool = False) -> See
                 render_version="r1-512",
                 object_key=object_key,
                 sha256="0" * 64,
-                width=48,
-                height=64,
+                width=width,
+                height=height,
             )
             session.add(image)
             session.flush()

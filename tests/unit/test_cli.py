@@ -15,10 +15,18 @@ from db.migrate import head_revision
 NIGHTREAD = str(Path(sys.executable).parent / "nightread")
 
 
-def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [NIGHTREAD, *args], capture_output=True, text=True, env=full_env, timeout=timeout, check=False
+        [NIGHTREAD, *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        check=False,
+        input=stdin if stdin is not None else "",
     )
 
 
@@ -289,3 +297,42 @@ def test_rules_explain_shows_what_a_study_would_send(tmp_path, sample_pacs):
     chest = run("rules", "explain", cr.study_instance_uid, env=env).stdout
     assert chest.count("selected (paired) (paired with") == 2, chest
     assert run("rules", "explain", "999", env=env).returncode == 1
+
+
+def test_users_and_audit_export(tmp_path):
+    import csv
+
+    from db import reviews
+    from db.session import make_engine, session_scope
+    from review.auth import verify_password
+
+    env = {"NIGHTREAD_DATA_DIR": str(tmp_path)}
+    ok = run("users", "add", "rita", "--role", "reviewer", "--password-stdin", env=env, stdin="s3cret-enough\n")
+    assert ok.returncode == 0, ok.stderr
+    assert run("users", "add", "rita", "--password-stdin", env=env, stdin="another-one\n").returncode == 2
+    short = run("users", "add", "bob", "--password-stdin", env=env, stdin="short\n")
+    assert short.returncode == 2
+    assert "at least 8" in short.stderr
+    bad_role = run("users", "add", "bob", "--role", "boss", "--password-stdin", env=env, stdin="long enough\n")
+    assert bad_role.returncode == 2
+    assert "unknown role" in bad_role.stderr
+    listed = json.loads(run("users", "list", "--json", env=env).stdout)
+    assert [(u["name"], u["role"], u["disabled"]) for u in listed] == [("rita", "reviewer", False)]
+    assert "s3cret" not in run("users", "list", env=env).stdout
+    engine = make_engine(f"sqlite:///{tmp_path / 'nightread.db'}")
+    with session_scope(engine) as session:
+        user = reviews.get_user(session=session, name="rita")
+        assert user is not None
+        assert verify_password("s3cret-enough", user.password_hash)
+        assert user.password_hash.startswith("$argon2id$")
+    assert run("users", "disable", "rita", env=env).returncode == 0
+    assert json.loads(run("users", "list", "--json", env=env).stdout)[0]["disabled"] is True
+    assert run("users", "disable", "nobody", env=env).returncode == 2
+    engine.dispose()
+    out = tmp_path / "audit.csv"
+    assert run("audit", "export", "--out", str(out), env=env).returncode == 0
+    with out.open() as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames is not None
+        assert "from_answer" in reader.fieldnames
+        assert list(reader) == []
