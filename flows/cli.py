@@ -887,3 +887,75 @@ def audit_export(
         writer.writeheader()
         writer.writerows(rows)
     console.print(f"{len(rows)} decision(s) written to {out}")
+
+
+# --- cohorts --------------------------------------------------------------------------------------------
+
+
+@app.command("cohort")
+def cohort_cmd(
+    where: Annotated[
+        str, typer.Option("--where", help="cohort expression, e.g. 'pleural_effusion >= 0.8 and not pneumothorax'")
+    ] = "",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="write the rows to FILE.csv or FILE.parquet (+ manifest)")
+    ] = None,
+    per: Annotated[str, typer.Option(help="one row per study or per image")] = "study",
+    model_version: Annotated[int | None, typer.Option(help="only this model version's findings")] = None,
+    link_expiry: Annotated[int, typer.Option(help="per-image rows: presigned links valid this many seconds")] = 3600,
+    finetune: Annotated[Path | None, typer.Option(help="also write images + train.jsonl (LLaVA format) here")] = None,
+    answers: Annotated[str, typer.Option(help="fine-tuning answers: reviewed (labels only) or model")] = "reviewed",
+) -> None:
+    """Select studies or images by findings and metadata; print the count, or export them."""
+    from db.cohort import CohortSyntaxError
+    from flows.cohort import cohort, model_version_info, write_finetune, write_table
+    from flows.questions import load_bank
+    from flows.runtime import build_store
+
+    if per not in ("study", "image"):
+        raise _fail("--per takes study or image", 2)
+    if answers not in ("reviewed", "model"):
+        raise _fail("--answers takes reviewed or model", 2)
+    settings = _settings()
+    bank = load_bank(settings.questions_file)
+    engine = _engine_at_head(settings)
+    try:
+        result = cohort(
+            engine,
+            where,
+            unit=per,  # type: ignore[arg-type]
+            model_version_id=model_version,
+            known_questions=[q.id for q in bank.questions],
+        )
+    except CohortSyntaxError as exc:
+        engine.dispose()
+        raise _fail(f"cohort expression: {exc}", 2) from None
+    store = build_store(settings)
+    console.print(f"{len(result.rows)} {per}(s) match")
+    if out is not None:
+        try:
+            manifest = write_table(
+                result,
+                out,
+                store=store,
+                link_expiry_s=link_expiry,
+                model_versions=model_version_info(engine, result.model_version_ids),
+            )
+        except ValueError as exc:
+            engine.dispose()
+            raise _fail(str(exc), 2) from None
+        console.print(f"wrote {manifest['rows']} row(s) to {out} and {out.name}.manifest.json")
+    if finetune is not None:
+        counts = write_finetune(
+            engine,
+            store,
+            result,
+            finetune,
+            question_texts={q.id: q.text for q in bank.questions},
+            answers=answers,  # type: ignore[arg-type]
+            model_version_id=model_version,
+        )
+        console.print(
+            f"fine-tuning set: {counts['images']} image(s), {counts['turns']} turn(s) in {finetune}/train.jsonl"
+        )
+    engine.dispose()

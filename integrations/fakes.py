@@ -39,3 +39,8 @@ class InMemoryObjectStore:
 
     def url(self, key: str) -> str:
         return f"memory://{check_key(key)}"
+
+    def link(self, key: str, *, expires_s: int = 3600) -> str:
+        if not self.exists(key):
+            raise ObjectNotFound(key)
+        return self.url(key)

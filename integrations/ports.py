@@ -91,6 +91,8 @@ class ObjectStore(Protocol):
 
     def url(self, key: str) -> str: ...
 
+    def link(self, key: str, *, expires_s: int = 3600) -> str: ...
+
 
 @dataclass(frozen=True)
 class Question:

@@ -79,6 +79,12 @@ class LocalObjectStore:
     def url(self, key: str) -> str:
         return self._path(key).as_uri()
 
+    def link(self, key: str, *, expires_s: int = 3600) -> str:
+        """A link a reader can open: the file's URI (a local folder has no expiring links)."""
+        if not self.exists(key):
+            raise ObjectNotFound(key)
+        return self.url(key)
+
 
 class S3ObjectStore:
     """A bucket on MinIO or any S3 endpoint, through the minio SDK. The bucket is created if missing."""
@@ -166,3 +172,18 @@ class S3ObjectStore:
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{check_key(key)}"
+
+    def link(self, key: str, *, expires_s: int = 3600) -> str:
+        """A presigned GET URL valid for `expires_s` seconds (at most 7 days, S3's limit)."""
+        import datetime as dt
+
+        if not 1 <= expires_s <= 7 * 24 * 3600:
+            raise ValueError("a presigned link expires after 1 s to 7 days")
+        if not self.exists(key):
+            raise ObjectNotFound(key)
+        return self._call(
+            lambda: self.client.presigned_get_object(
+                self.bucket, check_key(key), expires=dt.timedelta(seconds=expires_s)
+            ),
+            key,
+        )

@@ -26,6 +26,7 @@ from sqlmodel import Session, col, select
 from starlette.middleware.sessions import SessionMiddleware
 
 from db import reviews
+from db.cohort import CohortSyntaxError, run_cohort
 from db.models import AppUser, Caption, Decision, Finding, Image, ModelVersion, Role, Study, StudyIdentity
 from integrations.ports import ObjectStore
 from review.auth import Tokens, csrf_ok, new_csrf_token, verify_password
@@ -495,6 +496,41 @@ def create_app(*, engine: Engine, store: ObjectStore, config: ReviewConfig) -> F
             raise HTTPException(422, str(exc)) from None
         state = reviews.finding_states(session=session, finding_ids=[finding_id])[finding_id]
         return {"review_id": row.id, "finding_id": finding_id, "review_state": state[0], "corrected_answer": state[1]}
+
+    @app.get("/api/cohort", tags=["cohorts"], summary="Studies or images matching a cohort expression")
+    def api_cohort(
+        session: Annotated[Session, Depends(db)],
+        user: Annotated[AppUser, Depends(api_user)],
+        where: Annotated[str, Query(description="e.g. pleural_effusion >= 0.8 and not pneumothorax")] = "",
+        per: Annotated[str, Query(description="study | image")] = "study",
+        model_version: int | None = None,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+    ) -> dict[str, Any]:
+        if per not in ("study", "image"):
+            raise HTTPException(422, "per is study or image")
+        try:
+            result = run_cohort(
+                session=session,
+                where=where,
+                unit=per,  # type: ignore[arg-type]
+                model_version_id=model_version,
+                known_questions=list(texts),
+                limit=limit,
+            )
+        except CohortSyntaxError as exc:
+            raise HTTPException(422, f"cohort expression: {exc}") from None
+        rows = [{k: v for k, v in r.items() if k != "object_key"} for r in result.rows]
+        for r in rows:
+            if "image_id" in r:
+                r["url"] = f"/images/{r['image_id']}"
+        return {
+            "where": where,
+            "per": per,
+            "count": len(rows),
+            "rows": rows,
+            "model_version_ids": result.model_version_ids,
+            "question_bank_versions": result.bank_versions,
+        }
 
     # --- OpenAPI, behind a session like every page -------------------------------------------------
     @app.get("/openapi.json", include_in_schema=False)

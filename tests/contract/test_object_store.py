@@ -68,3 +68,17 @@ def test_large_object_roundtrip(store):
     data = bytes(range(256)) * 40_000  # 10 MB
     store.put("big/object.bin", data)
     assert store.get("big/object.bin") == data
+
+
+def test_link_opens_the_object(store):
+    import urllib.request
+
+    store.put("exports/a/x.png", b"\x89PNG linked")
+    link = store.link("exports/a/x.png", expires_s=600)
+    if link.startswith(("file:", "http:", "https:")):  # the fake's memory:// links are not fetchable
+        with urllib.request.urlopen(link, timeout=30) as r:
+            assert r.read() == b"\x89PNG linked"
+    if isinstance(store, S3ObjectStore):
+        assert "X-Amz-Expires=600" in link
+    with pytest.raises(ObjectNotFound):
+        store.link("exports/a/missing.png")

@@ -336,3 +336,27 @@ def test_users_and_audit_export(tmp_path):
         assert reader.fieldnames is not None
         assert "from_answer" in reader.fieldnames
         assert list(reader) == []
+
+
+def test_cohort_export_from_the_cli(tmp_path):
+    import pyarrow.parquet as pq
+
+    from db.migrate import upgrade
+    from db.session import make_engine
+    from integrations.storage import LocalObjectStore
+    from tests.review_seed import seed
+
+    upgrade(f"sqlite:///{tmp_path / 'nightread.db'}")
+    engine = make_engine(f"sqlite:///{tmp_path / 'nightread.db'}")
+    seed(engine, LocalObjectStore(tmp_path / "objects"))
+    engine.dispose()
+    env = {"NIGHTREAD_DATA_DIR": str(tmp_path)}
+    out = tmp_path / "x" / "cohort.parquet"
+    r = run("cohort", "--where", "pleural_effusion >= 0.8", "--per", "image", "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "1 image(s) match" in r.stdout
+    assert pq.read_table(out).num_rows == 1
+    assert (tmp_path / "x" / "cohort.parquet.manifest.json").exists()
+    bad = run("cohort", "--where", "pleural_effusion >= maybe", env=env)
+    assert bad.returncode == 2
+    assert "cohort expression" in bad.stderr

@@ -319,3 +319,20 @@ def test_audit_rows_and_csv(env):
     writer.writeheader()
     writer.writerows(rows)
     assert next(csv.DictReader(io.StringIO(buf.getvalue())))["user"] == "rita"
+
+
+def test_api_cohort(env):
+    _, seeded, app = env
+    client = TestClient(app)
+    assert client.get("/api/cohort").status_code == 401
+    token = client.post("/api/token", data={"username": "vic", "password": PASSWORD}).json()["access_token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    r = client.get("/api/cohort", params={"where": "pleural_effusion >= 0.9", "per": "image"}, headers=auth)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["count"] == 1
+    assert body["rows"][0]["url"] == f"/images/{seeded.image_ids['cr']}"
+    assert "object_key" not in body["rows"][0]
+    bad = client.get("/api/cohort", params={"where": "nonsense >= 2"}, headers=auth)
+    assert bad.status_code == 422
+    assert "unknown question" in bad.json()["detail"]
