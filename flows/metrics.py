@@ -314,7 +314,7 @@ def write_predictions(path: Path, predictions: Iterable[Prediction]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as fh:
         for p in predictions:
-            record = {"image": p.image, "question": p.question, "answer": p.answer}
+            record: dict[str, Any] = {"image": p.image, "question": p.question, "answer": p.answer}
             if p.p_yes is not None:
                 record["p_yes"] = p.p_yes
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
