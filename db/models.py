@@ -96,6 +96,8 @@ class ModelVersion(SQLModel, table=True):
     options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     offline_stand_in: bool = False
     temperature: float = 1.0
+    # set by `nightread models promote` (only after a validation run meeting the configured minimums)
+    promoted_at: dt.datetime | None = None
     created_at: dt.datetime = Field(default_factory=utcnow)
 
 
@@ -234,3 +236,38 @@ class StudyIdentity(SQLModel, table=True):
     patient_name: str | None = Field(default=None, max_length=255)
     patient_id: str | None = Field(default=None, max_length=64)
     accession_number: str | None = Field(default=None, max_length=64)
+
+
+class ValidationRun(SQLModel, table=True):
+    """Metrics of one model version on one labeled set (`nightread validate`)."""
+
+    __tablename__ = "validation_run"
+    id: int | None = Field(default=None, primary_key=True)
+    model_version_id: int = Field(foreign_key="model_version.id", index=True)
+    dataset: str = Field(max_length=512)  # the folder's name, or "reviews"
+    dataset_sha: str = Field(max_length=64)  # what exactly was evaluated
+    examples: int = 0
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    temperature: float | None = None  # fitted on this set (stored on the model version when applied)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Backfill(SQLModel, table=True):
+    """Progress of one retrospective backfill: the next day to query; a stopped backfill resumes there."""
+
+    __tablename__ = "backfill"
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(max_length=255, unique=True)  # source, date range, modalities
+    source_id: int = Field(foreign_key="pacs_source.id")
+    start_date: str = Field(max_length=8)
+    end_date: str = Field(max_length=8)
+    modalities: str = Field(default="", max_length=64)
+    next_date: str = Field(max_length=8)
+    status: str = Field(default="running", max_length=32)  # running | paused | done
+    days_done: int = 0
+    queries: int = 0
+    studies_found: int = 0
+    studies_new: int = 0
+    last_error: str | None = Field(default=None, max_length=1000)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    updated_at: dt.datetime = Field(default_factory=utcnow)

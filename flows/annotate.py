@@ -24,7 +24,13 @@ from db.session import session_scope
 from flows.runtime import Runtime
 from flows.selection import Decision, select
 from flows.settings import NightreadSettings
-from integrations.errors import NightreadError, PermanentError, RetrievalIncomplete, TransientError
+from integrations.errors import (
+    ConfigurationError,
+    NightreadError,
+    PermanentError,
+    RetrievalIncomplete,
+    TransientError,
+)
 from integrations.imaging import InstanceInfo, read_instance_info, render, window_key
 from integrations.pacs import uid_hash
 from integrations.ports import AnnotationRequest, ImageContext, RetrievedStudy
@@ -316,6 +322,21 @@ def _report(
     with session_scope(rt.engine) as session:
         repo.resolve_failures(session=session, stage="report", object_ref=ref)
     return counts
+
+
+def check_promoted(rt: Runtime) -> int:
+    """The model version a run will use; with `inference.require_promoted` it must be the promoted one."""
+    model_version_id = ensure_model_version(rt)
+    if rt.settings.inference.require_promoted:
+        with session_scope(rt.engine) as session:
+            mv = session.get(ModelVersion, model_version_id)
+            assert mv is not None
+            if mv.promoted_at is None:
+                raise ConfigurationError(
+                    f"model version {model_version_id} ({mv.name}) is not promoted and inference.require_promoted "
+                    f"is on: validate it, then `nightread models promote {model_version_id}`"
+                )
+    return model_version_id
 
 
 @task(name="process-study", cache_policy=NO_CACHE)

@@ -959,3 +959,161 @@ def cohort_cmd(
             f"fine-tuning set: {counts['images']} image(s), {counts['turns']} turn(s) in {finetune}/train.jsonl"
         )
     engine.dispose()
+
+
+# --- validation and the promotion gate ----------------------------------------------------------------
+models_app = typer.Typer(help="Model versions: list them, promote one (after validation).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _metrics_table(title: str, metrics: dict[str, Any]) -> Table:
+    from flows.metrics import METRICS
+
+    table = Table(title=title)
+    table.add_column("scope")
+    table.add_column("n", justify="right")
+    for m in METRICS:
+        table.add_column(m, justify="right")
+    rows = [("overall", metrics["overall"])]
+    rows += [(f"modality {k}", v) for k, v in metrics.get("per_modality", {}).items()]
+    rows += [(f"question {k}", v) for k, v in metrics.get("per_question", {}).items()]
+    for name, m in rows:
+        table.add_row(name, str(m["n"]), *("–" if m[k] is None else f"{m[k]:.3f}" for k in METRICS))
+    return table
+
+
+@app.command()
+def score(
+    dataset: Annotated[Path, typer.Option(help="labeled folder (VQA-RAD / SLAKE JSON layout)")],
+    predictions: Annotated[Path, typer.Option(help="JSON lines: image, question (null: caption), answer, p_yes")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the metrics as JSON")] = False,
+) -> None:
+    """Metrics of a predictions file against a labeled set, without running a model."""
+    from flows.metrics import DatasetError, load_dataset, load_predictions
+    from flows.metrics import score as compute
+
+    try:
+        metrics = compute(load_dataset(dataset), load_predictions(predictions))
+    except DatasetError as exc:
+        raise _fail(str(exc), 2) from None
+    if as_json:
+        sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
+    else:
+        console.print(_metrics_table(f"{predictions.name} on {dataset.name}", metrics))
+
+
+@app.command()
+def validate(
+    dataset: Annotated[str, typer.Option(help="labeled folder (VQA-RAD / SLAKE layout), or 'reviews'")],
+    report: Annotated[Path | None, typer.Option(help="write report.md and reliability diagrams here")] = None,
+    predictions_out: Annotated[Path | None, typer.Option(help="write the predictions (JSON lines) here")] = None,
+    apply_temperature: Annotated[
+        bool, typer.Option(help="store the fitted temperature on the model version (later P(yes) calibrated)")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Run the configured model over a labeled set; metrics per modality and question; stored per model version."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from flows.metrics import DatasetError
+    from flows.validation import validate as validate_flow
+    from integrations.errors import ConfigurationError
+
+    settings = _settings()
+    _engine_at_head(settings).dispose()
+    try:
+        result = validate_flow(
+            dataset,
+            settings=settings,
+            report=report,
+            predictions_out=predictions_out,
+            apply_temperature=apply_temperature,
+        )
+    except (DatasetError, ConfigurationError) as exc:
+        raise _fail(str(exc), 2) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        return
+    console.print(
+        _metrics_table(f"model version {result['model_version_id']} on {result['dataset']}", result["metrics"])
+    )
+    t = result.get("temperature")
+    console.print(
+        f"validation run {result['validation_run_id']}: {result['examples']} examples; fitted temperature "
+        + (f"{t:.3f}" + (" (stored on the model version)" if apply_temperature else " (not stored)") if t else "–")
+    )
+    if result.get("report"):
+        console.print(f"report: {result['report']}")
+
+
+@models_app.command("list")
+def models_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON array")] = False) -> None:
+    """Model versions with their temperature, latest validation and promotion."""
+    from sqlmodel import Session, col, select
+
+    from db.models import ModelVersion, ValidationRun
+
+    engine = _engine_at_head(_settings())
+    with Session(engine) as session:
+        rows: list[dict[str, Any]] = []
+        for mv in session.exec(select(ModelVersion).order_by(col(ModelVersion.id))).all():
+            run = session.exec(
+                select(ValidationRun)
+                .where(ValidationRun.model_version_id == mv.id)
+                .order_by(col(ValidationRun.id).desc())
+            ).first()
+            overall = run.metrics.get("overall", {}) if run else {}
+            rows.append(
+                {
+                    "id": mv.id,
+                    "name": mv.name,
+                    "revision": mv.revision,
+                    "backend": mv.backend,
+                    "temperature": mv.temperature,
+                    "promoted": mv.promoted_at is not None,
+                    "validation": None
+                    if run is None
+                    else {
+                        "run": run.id,
+                        "dataset": run.dataset,
+                        "examples": run.examples,
+                        **{k: overall.get(k) for k in ("closed_accuracy", "auroc", "ece")},
+                    },
+                }
+            )
+    engine.dispose()
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    table = Table(title="model versions")
+    for column in ("id", "name", "revision", "backend", "T", "validated", "promoted"):
+        table.add_column(column)
+    for r in rows:
+        v = r["validation"]
+        table.add_row(
+            str(r["id"]),
+            r["name"],
+            r["revision"][:12],
+            r["backend"],
+            f"{r['temperature']:.2f}",
+            "-" if v is None else f"run {v['run']} on {v['dataset']} ({v['examples']})",
+            "yes" if r["promoted"] else "",
+        )
+    console.print(table)
+
+
+@models_app.command("promote")
+def models_promote(model_version: Annotated[int, typer.Argument(help="model version id (see `models list`)")]) -> None:
+    """Make a model version the default; refused unless its latest validation meets NIGHTREAD_VALIDATION__*."""
+    from flows.validation import promote
+
+    settings = _settings()
+    engine = _engine_at_head(settings)
+    try:
+        mv = promote(engine, model_version, settings.validation)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    except PermissionError as exc:
+        raise _fail(f"model version {model_version} not promoted: {exc}", 1) from None
+    finally:
+        engine.dispose()
+    console.print(f"model version {mv.id} ({mv.name}) promoted")

@@ -15,7 +15,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from db import repository as repo
 from db.models import PacsSource, utcnow
 from db.session import session_scope
-from flows.annotate import _transient_only, process_study
+from flows.annotate import _transient_only, check_promoted, process_study
 from flows.runtime import Runtime
 from flows.settings import NightreadSettings
 
@@ -85,6 +85,8 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
         try:
             if settings.inference.backend == "triton":
                 rt.annotator()  # readiness check before anything is retrieved: server up, model ready
+            if settings.inference.require_promoted:
+                check_promoted(rt)  # before anything is retrieved
             discover = discover_studies.with_options(
                 retries=settings.flow.retries, retry_delay_seconds=settings.flow.retry_delay_s
             )

@@ -108,6 +108,9 @@ class InferenceSettings(BaseModel):
     caption_max_new_tokens: int = Field(default=48, ge=1, le=1024)
     hub_timeout_s: float = Field(default=10.0, gt=0)
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")
+    require_promoted: bool = Field(
+        default=False, description="refuse to annotate with a model version not promoted by `nightread models promote`"
+    )
 
 
 class TritonSettings(BaseModel):
@@ -171,6 +174,52 @@ class ReviewSettings(BaseModel):
     page_size: int = Field(default=25, ge=1, le=500)
 
 
+class ValidationSettings(BaseModel):
+    """The promotion gate: `nightread models promote` needs a validation run meeting these."""
+
+    min_examples: int = Field(default=50, ge=1)
+    min_closed_accuracy: float = Field(default=0.70, ge=0, le=1)
+    min_auroc: float = Field(default=0.70, ge=0, le=1)
+    max_ece: float = Field(default=0.15, ge=0, le=1)
+
+
+class BackfillSettings(BaseModel):
+    """Retrospective backfill: query limits and manners towards the PACS."""
+
+    result_limit: int = Field(
+        default=500,
+        ge=1,
+        description="the PACS's C-FIND result cap: a day with this many answers is split in time windows",
+    )
+    window: str | None = Field(
+        default=None, description="off-peak hours HH:MM-HH:MM (e.g. 19:00-07:00); outside them a backfill pauses"
+    )
+    studies_per_hour: float | None = Field(
+        default=None, gt=0, description="at most this many studies retrieved per hour"
+    )
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        parse_window(v)
+        return v
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """'19:00-07:00' -> (1140, 420) minutes after midnight; raises ValueError naming the problem."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
+    if not m:
+        raise ValueError(f"window {text!r} is not HH:MM-HH:MM")
+    h1, m1, h2, m2 = (int(x) for x in m.groups())
+    if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
+        raise ValueError(f"window {text!r} has an impossible time")
+    return h1 * 60 + m1, h2 * 60 + m2
+
+
 class FlowSettings(BaseModel):
     concurrency: int = Field(default=2, ge=1, le=64, description="studies retrieved and rendered at once")
     annotating_studies: int = Field(
@@ -202,6 +251,8 @@ class NightreadSettings(BaseSettings):
     render: RenderSettings = Field(default_factory=RenderSettings)
     flow: FlowSettings = Field(default_factory=FlowSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    backfill: BackfillSettings = Field(default_factory=BackfillSettings)
     questions_file: Path | None = Field(default=None, description="question bank YAML; default: the bundled one")
     rules_file: Path | None = Field(default=None, description="selection rules YAML; default: the bundled one")
 
