@@ -292,13 +292,13 @@ def insert_findings(*, session: Session, rows: Sequence[Mapping[str, Any]]) -> i
     return _insert_ignore(session, Finding, rows, ["image_id", "model_version_id", "question_id", "bank_version"])
 
 
-def annotated_image_ids(
+def annotation_state(
     *, session: Session, image_ids: Sequence[int], model_version_id: int, bank_version: str
-) -> set[int]:
-    """Images that already have findings or a caption for this model and bank version."""
+) -> tuple[set[int], set[int]]:
+    """(images with findings of this model and bank version, images captioned by this model)."""
     if not image_ids:
-        return set()
-    done = session.exec(
+        return set(), set()
+    answered = session.exec(
         select(Finding.image_id).where(
             col(Finding.image_id).in_(image_ids),
             Finding.model_version_id == model_version_id,
@@ -310,7 +310,7 @@ def annotated_image_ids(
             col(Caption.image_id).in_(image_ids), Caption.model_version_id == model_version_id
         )
     ).all()
-    return set(done) | set(captioned)
+    return set(answered), set(captioned)
 
 
 # --- failures and runs ------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from integrations.errors import (
 )
 from integrations.imaging import InstanceInfo, read_instance_info, render, window_key
 from integrations.pacs import uid_hash
-from integrations.ports import AnnotationRequest, ImageContext, RetrievedStudy
+from integrations.ports import AnnotationRequest, ImageContext, Question, RetrievedStudy
 
 ANNOTATE_BATCH = 8  # images per annotator call within a study; results are committed per call
 
@@ -194,17 +194,33 @@ def annotate_images(rt: Runtime, study_id: int, image_ids: list[int], model_vers
         model_version = session.get(ModelVersion, model_version_id)
         assert model_version is not None
         temperature = model_version.temperature  # 1.0 until the validation flow calibrates this model version
-        done = repo.annotated_image_ids(
+        answered, captioned = repo.annotation_state(
             session=session, image_ids=image_ids, model_version_id=model_version_id, bank_version=bank.version
         )
-        images = [session.get(Image, i) for i in image_ids if i not in done]
+        images = [session.get(Image, i) for i in image_ids]
+    default_windows = window_key(rt.settings.render.ct_windows)
+
+    def questions_for(image: Image) -> tuple[Question, ...]:
+        return bank.for_image(
+            modality=image.modality,
+            body_part=image.body_part or "",
+            ct_window=image.ct_window,
+            default_windows=default_windows,
+        )
+
+    def wants_caption(image: Image) -> bool:
+        # one caption per view and model: on the default rendering (other CT windows serve their questions)
+        return image.id not in captioned and (image.ct_window is None or image.ct_window == default_windows)
+
+    # an image is done when this bank version's questions are answered (or it has none) and it is captioned
+    todo = [
+        im for im in images if im is not None and ((im.id not in answered and questions_for(im)) or wants_caption(im))
+    ]
     counts: Counter[str] = Counter()
-    todo = [im for im in images if im is not None]
     if not todo:
         return dict(counts)
     annotator = rt.annotator()
     max_tokens = rt.settings.inference.caption_max_new_tokens
-    default_windows = window_key(rt.settings.render.ct_windows)
     for start in range(0, len(todo), ANNOTATE_BATCH):
         chunk = todo[start : start + ANNOTATE_BATCH]
         requests = []
@@ -219,14 +235,8 @@ def annotate_images(rt: Runtime, study_id: int, image_ids: list[int], model_vers
                 AnnotationRequest(
                     image_png=rt.store.get(image.object_key),
                     context=ctx,
-                    questions=bank.for_image(
-                        modality=image.modality,
-                        body_part=image.body_part or "",
-                        ct_window=image.ct_window,
-                        default_windows=default_windows,
-                    ),
-                    # one caption per view: on the default rendering (other CT windows serve their questions)
-                    caption=image.ct_window is None or image.ct_window == default_windows,
+                    questions=() if image.id in answered else questions_for(image),
+                    caption=wants_caption(image),
                     caption_max_new_tokens=max_tokens,
                 )
             )

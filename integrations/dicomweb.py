@@ -134,6 +134,22 @@ class DicomWebStudySource:
         )
         return studies_since((study_ref(Dataset.from_json(a)) for a in answers), since=since, modalities=modalities)
 
+    def find_studies_on(
+        self, *, date: str, time_range: tuple[str, str] | None = None, modalities: Sequence[str] = ()
+    ) -> list[StudyRef]:
+        filters: dict[str, Any] = {"StudyDate": date}
+        if time_range:
+            filters["StudyTime"] = f"{time_range[0]}-{time_range[1]}"
+        if len(modalities) == 1:
+            filters["ModalitiesInStudy"] = modalities[0]
+        answers = self._paged(
+            "QIDO-RS study search",
+            lambda limit, offset: self.client.search_for_studies(
+                fields=list(STUDY_FIELDS), search_filters=filters, limit=limit, offset=offset
+            ),
+        )
+        return studies_since((study_ref(Dataset.from_json(a)) for a in answers), since=None, modalities=modalities)
+
     def find_series(self, study_instance_uid: str) -> list[SeriesRef]:
         answers = self._paged(
             "QIDO-RS series search",

@@ -354,6 +354,21 @@ class DimseStudySource:
         q.NumberOfStudyRelatedInstances = ""
         return studies_since((study_ref(ds) for ds in self._find(q)), since=since, modalities=modalities)
 
+    def find_studies_on(
+        self, *, date: str, time_range: tuple[str, str] | None = None, modalities: Sequence[str] = ()
+    ) -> list[StudyRef]:
+        """Studies of one day (YYYYMMDD), optionally within StudyTime HHMMSS-HHMMSS (backfill windows)."""
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = ""
+        q.StudyDate = date
+        q.StudyTime = f"{time_range[0]}-{time_range[1]}" if time_range else ""
+        q.AccessionNumber = ""
+        q.StudyDescription = ""
+        q.ModalitiesInStudy = modalities[0] if len(modalities) == 1 else ""
+        q.NumberOfStudyRelatedInstances = ""
+        return studies_since((study_ref(ds) for ds in self._find(q)), since=None, modalities=modalities)
+
     def find_series(self, study_instance_uid: str) -> list[SeriesRef]:
         q = Dataset()
         q.QueryRetrieveLevel = "SERIES"

@@ -157,6 +157,11 @@ class InboxStudySource:
     def find_studies(self, *, since: dt.datetime | None, modalities: Sequence[str] = ()) -> list[StudyRef]:
         return []  # pushed studies are registered by the receiver as they arrive
 
+    def find_studies_on(
+        self, *, date: str, time_range: tuple[str, str] | None = None, modalities: Sequence[str] = ()
+    ) -> list[StudyRef]:
+        return []  # nothing to query: a push source has no archive
+
     def find_series(self, study_instance_uid: str) -> list[SeriesRef]:
         return []
 

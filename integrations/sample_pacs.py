@@ -536,7 +536,11 @@ class SamplePacs:
         move_destinations: dict[str, tuple[str, int]] | None = None,
         seed: int = 7,
         include_corrupt: bool = False,
+        max_find_results: int | None = None,
     ) -> None:
+        # like a PACS's C-FIND result cap (Orthanc's LimitFindResults): at most this many answers
+        self.max_find_results = max_find_results
+        self.finds = 0
         self.archive = SampleArchive(
             studies if studies is not None else generate_studies(seed=seed, include_corrupt=include_corrupt)
         )
@@ -615,6 +619,10 @@ class SamplePacs:
         except ValueError:
             yield 0xA900, None  # identifier does not match SOP class
             return
+        with self._lock:
+            self.finds += 1
+        if self.max_find_results is not None:
+            matches = matches[: self.max_find_results]
         for ds in matches:
             if event.is_cancelled:
                 yield 0xFE00, None

@@ -140,9 +140,10 @@ def test_images_captions_findings_write_nothing_twice(engine):
         assert repo.insert_findings(session=s, rows=[finding]) == 1
         assert repo.insert_captions(session=s, rows=[cap]) == 0
         assert repo.insert_findings(session=s, rows=[finding, finding]) == 0
-        assert repo.annotated_image_ids(session=s, image_ids=[image_id], model_version_id=mv.id, bank_version="b1") == {
-            image_id
-        }
+        state = repo.annotation_state(session=s, image_ids=[image_id], model_version_id=mv.id, bank_version="b1")
+        assert state == ({image_id}, {image_id})
+        state = repo.annotation_state(session=s, image_ids=[image_id], model_version_id=mv.id, bank_version="b9")
+        assert state == (set(), {image_id}), "a new bank version: captioned, not yet answered"
         # a new bank version is new work
         assert repo.insert_findings(session=s, rows=[{**finding, "bank_version": "b2"}]) == 1
         assert (count(s, Image), count(s, Caption), count(s, Finding), count(s, ModelVersion)) == (1, 1, 2, 1)
