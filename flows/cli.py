@@ -1117,3 +1117,93 @@ def models_promote(model_version: Annotated[int, typer.Argument(help="model vers
     finally:
         engine.dispose()
     console.print(f"model version {mv.id} ({mv.name}) promoted")
+
+
+# --- backfill, reannotate, serve ------------------------------------------------------------------------
+
+
+@app.command("backfill")
+def backfill_cmd(
+    start: Annotated[str, typer.Option("--from", help="first study date, YYYY-MM-DD")],
+    end: Annotated[str, typer.Option("--to", help="last study date, YYYY-MM-DD")],
+    modality: Annotated[list[str] | None, typer.Option(help="only these modalities (repeat)")] = None,
+    source: Annotated[str | None, typer.Option(help="source name (default: the first enabled one)")] = None,
+) -> None:
+    """Discover and annotate past studies day by day; run it again to resume after a stop or a pause."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from flows.backfill import run_backfill
+    from integrations.errors import ConfigurationError
+
+    settings = _settings()
+    _engine_at_head(settings).dispose()
+    try:
+        result = run_backfill(settings, start_date=start, end_date=end, modalities=modality or [], source=source)
+    except ConfigurationError as exc:
+        raise _fail(str(exc), 2) from None
+    console.print(
+        f"backfill {result['status']}: {result.get('days', 0)} day(s), {result.get('found', 0)} studies found "
+        f"({result.get('new', 0)} new), {result.get('studies_done', 0)} annotated, {result.get('queries', 0)} "
+        f"C-FIND/QIDO queries; next day {result['next_date']}"
+    )
+    if result.get("windows_at_limit"):
+        err.print(
+            f"[yellow]{result['windows_at_limit']} one-minute window(s) still reached the PACS's result limit "
+            "(NIGHTREAD_BACKFILL__RESULT_LIMIT): studies may be missing there[/yellow]"
+        )
+
+
+@app.command()
+def reannotate(
+    where: Annotated[str, typer.Option("--where", help="cohort expression ('' = every study)")] = "",
+    model: Annotated[str | None, typer.Option(help="checkpoint to use instead of NIGHTREAD_INFERENCE__MODEL")] = None,
+    revision: Annotated[str | None, typer.Option(help="its revision")] = None,
+) -> None:
+    """Annotate stored images of a cohort with a new model or question bank; the PACS is not contacted."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from db.cohort import CohortSyntaxError
+    from flows.backfill import reannotate as reannotate_flow
+    from integrations.errors import ConfigurationError
+
+    settings = _settings()
+    _engine_at_head(settings).dispose()
+    try:
+        result = reannotate_flow(where=where, model=model, revision=revision, settings=settings)
+    except (CohortSyntaxError, ConfigurationError) as exc:
+        raise _fail(str(exc), 2) from None
+    console.print(
+        f"model version {result['model_version_id']}: {result.get('studies', 0)} studies, "
+        f"{result.get('images', 0)} images, {result.get('captions', 0)} new captions, "
+        f"{result.get('findings', 0)} new findings"
+    )
+
+
+@app.command()
+def serve(
+    cron: Annotated[str, typer.Option(help="the nightly schedule")] = "0 1 * * *",
+    timezone: Annotated[str, typer.Option(help="time zone of the schedule")] = "UTC",
+    server: Annotated[bool, typer.Option(help="start a local Prefect server when PREFECT_API_URL is not set")] = True,
+    server_port: Annotated[int, typer.Option(help="its port (0: any free port)")] = 4200,
+) -> None:
+    """Serve the nightly (cron), backfill and reannotate deployments from this process until interrupted."""
+    from prefect import serve as prefect_serve
+
+    from flows.serve import build_deployments, local_prefect_server
+
+    settings = _settings()
+    _engine_at_head(settings).dispose()
+    if os.environ.get("PREFECT_API_URL") or not server:
+        prefect_serve(*build_deployments(settings, cron=cron, timezone=timezone))
+        return
+    import signal
+
+    def _stop(*_: object) -> None:  # SIGTERM ends like Ctrl-C: the local server is stopped with us
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    with local_prefect_server(server_port or None) as api:
+        os.environ["PREFECT_API_URL"] = api
+        console.print(f"Prefect server at {api.removesuffix('/api')} (UI); serving nightly, backfill, reannotate")
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api}):
+            prefect_serve(*build_deployments(settings, cron=cron, timezone=timezone))
