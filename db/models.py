@@ -271,3 +271,16 @@ class Backfill(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=1000)
     created_at: dt.datetime = Field(default_factory=utcnow)
     updated_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class ReidMap(SQLModel, table=True):
+    """Pseudonym -> original identifier of de-identified exports, the original encrypted with the
+    de-identification key (integrations/deid.py). Nothing else reads this table; grant it to admins only."""
+
+    __tablename__ = "reid_map"
+    __table_args__ = (UniqueConstraint("kind", "pseudonym", name="uq_reid_key"),)
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=32)  # uid | patient | accessionnumber | studyid
+    pseudonym: str = Field(max_length=64, index=True)
+    original_encrypted: str = Field(max_length=1024)
+    created_at: dt.datetime = Field(default_factory=utcnow)

@@ -21,6 +21,7 @@ from db.models import (
     Image,
     ModelVersion,
     PacsSource,
+    ReidMap,
     Run,
     StructuredReport,
     Study,
@@ -446,3 +447,8 @@ def record_report(*, session: Session, values: Mapping[str, Any]) -> StructuredR
 def save_study_identity(*, session: Session, study_id: int, values: Mapping[str, Any]) -> None:
     stmt = _insert(session, StudyIdentity).values({"study_id": study_id, **values})
     session.exec(stmt.on_conflict_do_update(index_elements=["study_id"], set_=dict(values)))
+
+
+def record_reid(*, session: Session, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Store pseudonym -> encrypted original rows of a de-identified export (known ones are kept)."""
+    return _insert_ignore(session, ReidMap, rows, ["kind", "pseudonym"])

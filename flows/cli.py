@@ -905,6 +905,9 @@ def cohort_cmd(
     link_expiry: Annotated[int, typer.Option(help="per-image rows: presigned links valid this many seconds")] = 3600,
     finetune: Annotated[Path | None, typer.Option(help="also write images + train.jsonl (LLaVA format) here")] = None,
     answers: Annotated[str, typer.Option(help="fine-tuning answers: reviewed (labels only) or model")] = "reviewed",
+    deid_out: Annotated[
+        Path | None, typer.Option(help="also write a de-identified export (PS3.15 Annex E) into this new folder")
+    ] = None,
 ) -> None:
     """Select studies or images by findings and metadata; print the count, or export them."""
     from db.cohort import CohortSyntaxError
@@ -1207,3 +1210,23 @@ def serve(
 
         with temporary_settings({PREFECT_API_URL: api}):
             prefect_serve(*build_deployments(settings, cron=cron, timezone=timezone))
+
+
+deid_app = typer.Typer(help="De-identified exports.", no_args_is_help=True)
+app.add_typer(deid_app, name="deid")
+
+
+@deid_app.command("reidentify")
+def deid_reidentify(pseudonym: Annotated[str, typer.Argument(help="a pseudonym from a de-identified export")]) -> None:
+    """The original identifier behind a pseudonym (needs the de-identification key; an admin's task)."""
+    from flows.deid_export import reidentify
+    from flows.runtime import Runtime
+
+    settings = _settings()
+    _engine_at_head(settings).dispose()
+    with Runtime.build(settings) as rt:
+        found = reidentify(rt, pseudonym)
+    if not found:
+        raise _fail("no such pseudonym", 1)
+    for kind, original in found:
+        console.print(f"{kind}: {original}")

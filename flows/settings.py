@@ -251,6 +251,11 @@ class NightreadSettings(BaseSettings):
     render: RenderSettings = Field(default_factory=RenderSettings)
     flow: FlowSettings = Field(default_factory=FlowSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
+    deid_secret_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="keys pseudonyms, date offsets and the encrypted re-identification map of de-identified "
+        "exports; empty: a random key kept in data_dir/deid-secret (keep it: the same key gives the same pseudonyms)",
+    )
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     backfill: BackfillSettings = Field(default_factory=BackfillSettings)
     questions_file: Path | None = Field(default=None, description="question bank YAML; default: the bundled one")

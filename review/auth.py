@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 from pathlib import Path
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from pwdlib import PasswordHash
+
+from integrations.secrets import load_secret as _load_secret
 
 _hasher = PasswordHash.recommended()  # argon2id
 # a hash to verify against when the user does not exist, so timing does not tell names apart
@@ -34,17 +35,7 @@ def verify_password(password: str, password_hash: str | None) -> bool:
 
 def load_secret(configured: str, data_dir: Path) -> str:
     """The configured secret, else a random one kept (mode 0600) in data_dir/review-secret."""
-    if configured:
-        return configured
-    path = data_dir / "review-secret"
-    if path.exists():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret)
-    return secret
+    return _load_secret(configured, data_dir, "review-secret")
 
 
 class Tokens:
