@@ -33,7 +33,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
 
 DICOM_UID_ROOT = "1.2.840.10008."
-METHOD = "nightread: PS3.15 Annex E basic profile, modified dates, UIDs remapped, private tags removed"
+METHOD = "nightread PS3.15 E basic; dates shifted; UIDs remapped"  # LO: at most 64
 
 # PS3.15 Table E.1-1, Basic Application Confidentiality Profile (the attributes found in images; the
 # action applied where the table allows a choice). D = replaced by a pseudonym, Z = emptied, X = removed.
