@@ -50,6 +50,18 @@ def test_find_studies_date_range_and_modalities(any_source, orthanc):
     assert len(any_source.find_studies(since=SINCE, modalities=["CT", "MR"])) == 2
 
 
+def test_find_studies_on_one_day_and_time_window(any_source):
+    """The backfill's query: one StudyDate, optionally a StudyTime range."""
+    refs = any_source.find_studies(since=SINCE)
+    day, time = refs[0].study_date, refs[0].study_time[:6]
+    on_day = any_source.find_studies_on(date=day)
+    assert {r.study_instance_uid for r in on_day} == {r.study_instance_uid for r in refs if r.study_date == day}
+    inside = any_source.find_studies_on(date=day, time_range=(time, time))
+    assert [r.study_instance_uid for r in inside] == [refs[0].study_instance_uid]
+    assert time > "000100", "the synthetic studies are in the morning or later"
+    assert any_source.find_studies_on(date=day, time_range=("000000", "000100")) == []
+
+
 def test_find_series(any_source):
     ct = next(r for r in any_source.find_studies(since=SINCE) if r.modalities == ("CT",))
     series = any_source.find_series(ct.study_instance_uid)
