@@ -360,3 +360,21 @@ def test_cohort_export_from_the_cli(tmp_path):
     bad = run("cohort", "--where", "pleural_effusion >= maybe", env=env)
     assert bad.returncode == 2
     assert "cohort expression" in bad.stderr
+
+
+def test_backfill_models_and_validate_commands_refuse_bad_input_clearly(tmp_path):
+    env = {"NIGHTREAD_DATA_DIR": str(tmp_path)}
+    bad_date = run("backfill", "--from", "2024-02-30", "--to", "2024-03-01", env=env)
+    assert bad_date.returncode == 2
+    assert "YYYY-MM-DD" in bad_date.stderr
+    backwards = run("backfill", "--from", "2024-03-02", "--to", "2024-03-01", env=env)
+    assert backwards.returncode == 2
+    assert "before its start" in backwards.stderr
+    assert json.loads(run("models", "list", "--json", env=env).stdout) == []
+    missing = run("models", "promote", "7", env=env)
+    assert missing.returncode == 2
+    assert "no model version 7" in missing.stderr
+    no_set = run("validate", "--dataset", str(tmp_path / "nowhere"), env=env)
+    assert no_set.returncode == 2
+    assert "not a folder" in no_set.stderr
+    assert run("deid", "reidentify", "NRP0000", env=env).returncode == 1
