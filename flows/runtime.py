@@ -102,6 +102,7 @@ def build_annotator(settings: NightreadSettings) -> tuple[Annotator, str]:
         adapter=inf.adapter,
         engine=inf.engine,
         trust_remote_code=remote_code_allowed(inf.model, inf.trust_remote_code_for),
+        stop_strings=tuple(inf.stop_strings),
     )
     annotator = LocalAnnotator.from_checkpoint(resolved, options=options)
     return annotator, resolved.note

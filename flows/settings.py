@@ -106,6 +106,9 @@ class InferenceSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     caption_max_new_tokens: int = Field(default=48, ge=1, le=1024)
+    stop_strings: list[str] = Field(
+        default_factory=lambda: ["\n"], description="captions and open answers end at the first of these"
+    )
     hub_timeout_s: float = Field(default=10.0, gt=0)
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")
     require_promoted: bool = Field(

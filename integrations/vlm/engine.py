@@ -28,6 +28,9 @@ YES_WORDS = frozenset({"yes"})
 NO_WORDS = frozenset({"no"})
 
 
+DEFAULT_STOP_STRINGS: tuple[str, ...] = ("\n",)
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -35,6 +38,8 @@ class EngineOptions:
     trust_remote_code: bool = False
     adapter: str | None = None  # a PEFT LoRA adapter (folder or hub id), merged into the base for inference
     engine: str = "transformers"  # or the name of a `nightread.engines` entry point (a plugin)
+    # generation of captions and open answers stops at the first of these (and the text is cut there)
+    stop_strings: tuple[str, ...] = DEFAULT_STOP_STRINGS
 
 
 ENGINE_ENTRY_POINTS = "nightread.engines"
@@ -125,9 +130,34 @@ class VlmEngine:
         self.processor = AutoProcessor.from_pretrained(self.checkpoint, **kwargs)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.yes_ids, self.no_ids = ([], []) if self.captions_only else self._answer_token_ids()
+        self._vision_s = 0.0
+        self._watch_vision()
         if not self.captions_only and (not self.yes_ids or not self.no_ids):
             raise ConfigurationError(f"the tokenizer of {self.family} has no single token for yes/no")
         self._torch = torch
+
+    # --- stage timing ------------------------------------------------------------------------------------
+    def _watch_vision(self) -> None:
+        """Time the vision encoder (+ connector) inside any forward, by hooks on its module, so results can
+        report vision and prefix separately whatever the family calls them internally."""
+        inner = getattr(self.model, "model", self.model)
+        tower = next(
+            (getattr(inner, n) for n in ("vision_model", "vision_tower", "visual", "encoder") if hasattr(inner, n)),
+            None,
+        )
+        if tower is None or self.captions_only:
+            return
+        started: list[float] = []
+
+        def before(*_: Any) -> None:
+            started.append(time.perf_counter())
+
+        def after(*_: Any) -> None:
+            if started:
+                self._vision_s += time.perf_counter() - started.pop()
+
+        tower.register_forward_pre_hook(before)
+        tower.register_forward_hook(after)
 
     # --- vocabulary ------------------------------------------------------------------------------------
     def _answer_token_ids(self) -> tuple[list[int], list[int]]:
@@ -187,12 +217,18 @@ class VlmEngine:
                 )
                 return [_printable(str(t)) for t in self.processor.batch_decode(out, skip_special_tokens=True)]
             inputs = self._inputs([self._chat(p) for p in prompts], list(images))
+            stops = list(self.options.stop_strings) if not min_new_tokens else []
             out = self.model.generate(
-                **inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                do_sample=False,
+                **({"stop_strings": stops, "tokenizer": self.tokenizer} if stops else {}),
             )
             new = out[:, inputs["input_ids"].shape[1] :]
             return [
-                _printable(str(t).split("\n")[0]) for t in self.processor.batch_decode(new, skip_special_tokens=True)
+                _printable(_cut(str(t), self.options.stop_strings))
+                for t in self.processor.batch_decode(new, skip_special_tokens=True)
             ]
 
     def p_yes_shared(
@@ -213,9 +249,15 @@ class VlmEngine:
             t0 = time.perf_counter()
             prefix, suffix_tpl = self.split_prompt(context)
             pre = self._encode([prefix], [image]).to(self.device)
+            t_pre = time.perf_counter()
+            self._vision_s = 0.0
             out = self.model(**pre, use_cache=True, logits_to_keep=1)
             cache = out.past_key_values
-            timings["prefix_ms"] = (time.perf_counter() - t0) * 1000
+            t_end = time.perf_counter()
+            # stages: image/prompt preprocessing, vision encoder (+ connector), the prefix's language-model pass
+            timings["preprocess_ms"] = (t_pre - t0) * 1000
+            timings["vision_ms"] = self._vision_s * 1000
+            timings["prefix_ms"] = (t_end - t_pre - self._vision_s) * 1000
             t1 = time.perf_counter()
             k, p_len = len(questions), pre["input_ids"].shape[1]
             self.tokenizer.padding_side = "right"
@@ -290,6 +332,14 @@ def _merge_adapter(model: Any, adapter: str) -> Any:
 def remote_code_allowed(model: str, allow_list: list[str]) -> bool:
     """trust_remote_code only for checkpoints named in an explicit allow-list (never by default)."""
     return model in allow_list
+
+
+def _cut(text: str, stops: Sequence[str]) -> str:
+    """The text before the first stop string."""
+    for stop in stops:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
 
 
 def _printable(text: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from typing import Any
 from integrations.errors import ConfigurationError
 from integrations.ports import AnnotationRequest, AnnotationResult, Answer, ModelInfo
 from integrations.vlm import prompts
-from integrations.vlm.engine import Engine, EngineOptions, load_engine
+from integrations.vlm.engine import DEFAULT_STOP_STRINGS, Engine, EngineOptions, load_engine
 from integrations.vlm.tiny import build_tiny, tiny_info
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,11 @@ class LocalAnnotator:
                 "family": engine.family,
                 "prompt_version": prompts.PROMPT_VERSION,
                 **({"adapter": engine.options.adapter} if engine.options.adapter else {}),
+                **(
+                    {"stop_strings": json.dumps(list(engine.options.stop_strings))}
+                    if engine.options.stop_strings != DEFAULT_STOP_STRINGS
+                    else {}
+                ),
             },
             offline_stand_in=offline_stand_in,
         )

@@ -135,8 +135,9 @@ def main() -> None:
             f"({len(questions) / naive:.2f} q/s); prefix-shared scoring {fast:.2f} s ({len(questions) / fast:.2f} q/s)"
         )
         print(
-            f"stages of the shared path: vision + prefix {timings['prefix_ms']:.0f} ms, "
-            f"K questions in one batched forward {timings['scoring_ms']:.0f} ms; peak RSS {peak_mb:.0f} MB"
+            f"stages of the shared path: preprocessing {timings['preprocess_ms']:.0f} ms, vision encoder "
+            f"{timings['vision_ms']:.0f} ms, prefix forward {timings['prefix_ms']:.0f} ms, K questions in one "
+            f"batched forward {timings['scoring_ms']:.0f} ms; peak RSS {peak_mb:.0f} MB"
         )
         print(f"P1 ratio={naive / fast:.1f} P2 maxdiff={maxdiff:.1e}")
     finally:

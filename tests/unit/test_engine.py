@@ -110,3 +110,27 @@ def test_modality_aware_prompts():
     assert "patient head first, supine" in prompts.context_text(ImageContext("CT", "CHEST", "", "HFS"))
     assert "patient" not in prompts.context_text(ImageContext("CT", "CHEST", "", "XYZ"))
     assert prompts.PROMPT_VERSION.startswith("p1-")
+
+
+def test_shared_scoring_reports_its_stages(tiny_model):
+    engine = load_engine(tiny_model)
+    image = Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8))
+    _, timings = engine.p_yes_shared(image, "A chest radiograph.", ["Is there an effusion?", "Is there a mass?"])
+    assert set(timings) == {"preprocess_ms", "vision_ms", "prefix_ms", "scoring_ms"}
+    assert timings["vision_ms"] > 0, "the vision encoder is timed on its own"
+    assert all(v >= 0 for v in timings.values())
+
+
+def test_generation_ends_at_stop_strings(tiny_model):
+    from integrations.vlm.engine import VlmEngine, _cut
+
+    assert _cut("a lung\nnodule", ("\n",)) == "a lung"
+    assert _cut("no effusion. The heart", (".", "\n")) == "no effusion"
+    image = Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8))
+    plain = VlmEngine(tiny_model).generate(image, "Describe.", max_new_tokens=24)
+    assert "\n" not in plain
+    common = sorted(set(plain.replace(" ", "")))[:1] or ["a"]
+    stopped = VlmEngine(tiny_model, options=EngineOptions(stop_strings=("\n", *common))).generate(
+        image, "Describe.", max_new_tokens=24
+    )
+    assert not set(common) & set(stopped)

@@ -87,9 +87,11 @@ def test_prefix_shared_scoring_matches_a_full_forward(family, tmp_path):
     questions = [
         prompts.closed_question(q) for q in ("Is there a mass?", "Is the heart enlarged?", "Are there support devices?")
     ]
-    shared, _ = engine.p_yes_shared(image, context, questions)
+    shared, timings = engine.p_yes_shared(image, context, questions)
     full = [engine.p_yes_full(image, context, q) for q in questions]
     assert max(abs(a - b) for a, b in zip(shared, full, strict=True)) <= 1e-4
+    if not engine.prefix_lm:
+        assert timings["vision_ms"] > 0, f"{family}: the vision encoder is timed apart from the prefix"
 
 
 @pytest.mark.parametrize("family", families())
