@@ -29,6 +29,7 @@ NO_WORDS = frozenset({"no"})
 
 
 DEFAULT_STOP_STRINGS: tuple[str, ...] = ("\n",)
+IMAGE_MARK = "\x00image\x00"  # where an interleaving processor (IDEFICS) places the image in a prompt
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,12 @@ class VlmEngine:
         # prefix-LM families attend bidirectionally over the whole prompt, question included: a question
         # cannot continue a cached prefix causally without changing the answer, so each is scored whole
         self.prefix_lm = self.family in ("paligemma",)
+        # IDEFICS (Flamingo-style): the image enters by cross-attention; its processor takes interleaved
+        # text/image lists and has no chat template
+        self.idefics = self.family == "idefics"
+        self._image_states_key = (
+            "perceiver_embeddings" if getattr(config, "use_resampler", False) else ("image_encoder_embeddings")
+        )
         if self.captions_only:
             from transformers import VisionEncoderDecoderModel
 
@@ -177,6 +184,8 @@ class VlmEngine:
 
     # --- prompts -------------------------------------------------------------------------------------
     def _chat(self, text: str) -> str:
+        if self.idefics:  # IDEFICS-instruct's format; IMAGE_MARK is where the processor puts the image
+            return f"User:{IMAGE_MARK}{text}<end_of_utterance>\nAssistant:"
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return str(self.processor.apply_chat_template(messages, add_generation_prompt=True))
 
@@ -188,6 +197,14 @@ class VlmEngine:
 
     def _encode(self, texts: list[str], images: list[Any], **kwargs: Any) -> Any:
         """Processor outputs for a forward pass (some processors, e.g. PaliGemma's, add training labels)."""
+        if self.idefics:
+            prompts = []
+            for text, im in zip(texts, images, strict=True):
+                before, _, after = text.partition(IMAGE_MARK)
+                prompts.append([part for part in (before, im, after) if not isinstance(part, str) or part])
+            batch = self.processor(text=prompts, return_tensors="pt", **kwargs)
+            batch.pop("labels", None)
+            return batch
         batch = self.processor(text=texts, images=[[im] for im in images], return_tensors="pt", **kwargs)
         batch.pop("labels", None)
         return batch
@@ -267,6 +284,12 @@ class VlmEngine:
             cache.batch_repeat_interleave(k)
             attn = torch.cat([pre["attention_mask"].repeat(k, 1), suf["attention_mask"]], dim=1)
             extra: dict[str, Any] = {}
+            if self.idefics:  # cross-attention: the suffix sees the image through its cached states
+                extra[self._image_states_key] = out.image_hidden_states.repeat_interleave(k, 0)
+                n_images = pre["image_attention_mask"].shape[2]
+                extra["image_attention_mask"] = pre["image_attention_mask"].new_ones(
+                    (k, suf["input_ids"].shape[1], n_images)
+                )
             deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
             if deltas is not None:  # Qwen2/2.5-VL M-RoPE: positions after the image = cache position + delta
                 s_len = suf["input_ids"].shape[1]
@@ -304,6 +327,8 @@ class VlmEngine:
                 elif getattr(value, "dim", lambda: 0)() == 2 and value.shape[1] == p_len:
                     # per-token fields of the prefix (e.g. mm_token_type_ids): suffix tokens are text, 0
                     value = torch.cat([value, value.new_zeros((value.shape[0], s_len))], dim=1)
+                elif key == "image_attention_mask":  # IDEFICS: tokens after the image attend to it
+                    value = torch.cat([value, value.new_ones((value.shape[0], s_len, value.shape[2]))], dim=1)
                 batch[key] = value
             batch = {k: v.to(self.device) for k, v in batch.items()}
             out = self.model(**batch, use_cache=False, logits_to_keep=1)

@@ -21,6 +21,7 @@ TINY_MARKER = "nightread_tiny.json"
 STANDS_IN_FOR = {
     "smolvlm": "HuggingFaceTB/SmolVLM-256M-Instruct",
     "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3",
+    "idefics": "HuggingFaceM4/idefics-9b-instruct",
     "llava": "llava-hf/llava-1.5-7b-hf",
     "llava_next": "llava-hf/llava-v1.6-mistral-7b-hf",
     "paligemma": "google/paligemma-3b-mix-224",
@@ -571,7 +572,54 @@ def _build_ved() -> tuple[Any, Any]:
     return model, proc
 
 
+def _build_idefics() -> tuple[Any, Any]:
+    """IDEFICS (the Flamingo-style 9B/80B): a perceiver resampler and gated cross-attention to the image.
+    Its processor has no chat template; the engine writes the instruct format itself."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessor, IdeficsProcessor
+
+    tok = train_tokenizer(
+        ["<unk>", "<s>", "</s>", "<image>", "<fake_token_around_image>", "<end_of_utterance>"],
+        bos="<s>",
+        eos="</s>",
+        pad="<unk>",
+        unk="<unk>",
+    )
+    cfg = IdeficsConfig(
+        vocab_size=len(tok),
+        additional_vocab_size=0,
+        hidden_size=_TEXT["hidden_size"],
+        intermediate_size=_TEXT["intermediate_size"],
+        num_hidden_layers=_TEXT["num_hidden_layers"],
+        num_attention_heads=_TEXT["num_attention_heads"],
+        cross_layer_interval=1,
+        use_resampler=True,
+        vision_config={
+            "embed_dim": _VISION["hidden_size"],
+            "image_size": 32,
+            "patch_size": 8,
+            "num_hidden_layers": _VISION["num_hidden_layers"],
+            "num_attention_heads": _VISION["num_attention_heads"],
+            "intermediate_size": _VISION["intermediate_size"],
+        },
+        perceiver_config={
+            "use_resampler": True,
+            "resampler_n_latents": 4,
+            "resampler_depth": 1,
+            "resampler_n_heads": 2,
+            "resampler_head_dim": 8,
+        },
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    model = IdeficsForVisionText2Text(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, IdeficsProcessor(image_processor=IdeficsImageProcessor(image_size=32), tokenizer=tok)
+
+
 BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
+    "idefics": _build_idefics,
     "smolvlm": lambda: _build_idefics3_style("smolvlm"),
     "idefics3": lambda: _build_idefics3_style("idefics3"),
     "llava": _build_llava,
