@@ -278,15 +278,20 @@ def _compare(column: Any, op: str, value: Any) -> ColumnElement[bool]:
     return ops[op](column, value)
 
 
-def _latest_decision_of_finding() -> Any:
+def _latest_review(column: Any) -> Any:
+    """A column of a finding's latest confirm/reject/correct review row (correlated scalar subquery)."""
     return (
-        select(col(Review.decision))
+        select(column)
         .where(col(Review.finding_id) == Finding.id, col(Review.decision) != Decision.COMMENT)
         .order_by(col(Review.id).desc())
         .limit(1)
         .correlate(Finding)
         .scalar_subquery()
     )
+
+
+def _latest_decision_of_finding() -> Any:
+    return _latest_review(col(Review.decision))
 
 
 def _current_answer() -> Any:
@@ -294,16 +299,8 @@ def _current_answer() -> Any:
     from sqlalchemy import case
 
     decision = _latest_decision_of_finding()
-    corrected = (
-        select(col(Review.to_answer))
-        .where(col(Review.finding_id) == Finding.id, col(Review.decision) != Decision.COMMENT)
-        .order_by(col(Review.id).desc())
-        .limit(1)
-        .correlate(Finding)
-        .scalar_subquery()
-    )
     return case(
-        (decision == Decision.CORRECT, corrected),
+        (decision == Decision.CORRECT, _latest_review(col(Review.to_answer))),
         (decision == Decision.REJECT, case((col(Finding.answer) == "yes", "no"), else_="yes")),
         else_=col(Finding.answer),
     )

@@ -28,6 +28,7 @@ from db.cohort import run_cohort
 from db.models import Backfill, Image, Study, StudyStatus, utcnow
 from db.session import session_scope
 from flows.annotate import _transient_only, annotate_images, check_promoted, process_study
+from flows.nightly import register_refs
 from flows.runtime import Runtime
 from flows.settings import NightreadSettings, parse_window
 from integrations.errors import ConfigurationError
@@ -109,21 +110,7 @@ def register_day(rt: Runtime, source_id: int, day: str, modalities: Sequence[str
     counts: Counter[str] = Counter()
     refs = find_day(rt.source(source_id), day, modalities, rt.settings.backfill.result_limit, counts)
     with session_scope(rt.engine) as session:
-        new = repo.register_studies(
-            session=session,
-            source_id=source_id,
-            studies=[
-                {
-                    "study_instance_uid": r.study_instance_uid,
-                    "study_date": r.study_date,
-                    "study_time": r.sort_key[1],
-                    "accession_number": r.accession_number,
-                    "modalities": r.modalities,
-                    "number_of_instances": r.number_of_instances,
-                }
-                for r in refs
-            ],
-        )
+        new = register_refs(session, source_id, refs)
     return {**counts, "found": len(refs), "new": new}
 
 

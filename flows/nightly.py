@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -18,6 +19,7 @@ from db.session import session_scope
 from flows.annotate import _transient_only, check_promoted, process_study
 from flows.runtime import Runtime
 from flows.settings import NightreadSettings
+from integrations.ports import StudyRef
 
 
 def _since(source: PacsSource, lookback_days: int) -> dt.datetime:
@@ -25,6 +27,25 @@ def _since(source: PacsSource, lookback_days: int) -> dt.datetime:
         return dt.datetime.strptime(f"{source.cursor_date}{source.cursor_time or '000000'}", "%Y%m%d%H%M%S")
     today = dt.datetime.combine(dt.date.today(), dt.time())
     return today - dt.timedelta(days=lookback_days)
+
+
+def register_refs(session: Any, source_id: int, refs: Sequence[StudyRef]) -> int:
+    """Register what a PACS answered (new studies only); returns how many were new."""
+    return repo.register_studies(
+        session=session,
+        source_id=source_id,
+        studies=[
+            {
+                "study_instance_uid": r.study_instance_uid,
+                "study_date": r.study_date,
+                "study_time": r.sort_key[1],
+                "accession_number": r.accession_number,
+                "modalities": r.modalities,
+                "number_of_instances": r.number_of_instances,
+            }
+            for r in refs
+        ],
+    )
 
 
 @task(name="discover-studies", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
@@ -42,21 +63,7 @@ def discover_studies(rt: Runtime, source_id: int) -> dict[str, int]:
         since = _since(source, p.lookback_days)
     refs = rt.source(source_id).find_studies(since=since, modalities=p.modalities)
     with session_scope(rt.engine) as session:
-        new = repo.register_studies(
-            session=session,
-            source_id=source_id,
-            studies=[
-                {
-                    "study_instance_uid": r.study_instance_uid,
-                    "study_date": r.study_date,
-                    "study_time": r.sort_key[1],
-                    "accession_number": r.accession_number,
-                    "modalities": r.modalities,
-                    "number_of_instances": r.number_of_instances,
-                }
-                for r in refs
-            ],
-        )
+        new = register_refs(session, source_id, refs)
         if refs:
             date, time_ = max(r.sort_key for r in refs)
             repo.move_cursor(session=session, source_id=source_id, date=date, time=time_)

@@ -120,10 +120,9 @@ class DicomWebStudySource:
         with self._errors("QIDO-RS"):
             self.client.search_for_studies(limit=1, fields=["StudyInstanceUID"])
 
-    def find_studies(self, *, since: dt.datetime | None, modalities: Sequence[str] = ()) -> list[StudyRef]:
-        filters: dict[str, Any] = {}
-        if since is not None:
-            filters["StudyDate"] = f"{since:%Y%m%d}-"
+    def _search_studies(
+        self, filters: dict[str, Any], since: dt.datetime | None, modalities: Sequence[str]
+    ) -> list[StudyRef]:
         if len(modalities) == 1:
             filters["ModalitiesInStudy"] = modalities[0]
         answers = self._paged(
@@ -134,21 +133,16 @@ class DicomWebStudySource:
         )
         return studies_since((study_ref(Dataset.from_json(a)) for a in answers), since=since, modalities=modalities)
 
+    def find_studies(self, *, since: dt.datetime | None, modalities: Sequence[str] = ()) -> list[StudyRef]:
+        return self._search_studies({"StudyDate": f"{since:%Y%m%d}-"} if since else {}, since, modalities)
+
     def find_studies_on(
         self, *, date: str, time_range: tuple[str, str] | None = None, modalities: Sequence[str] = ()
     ) -> list[StudyRef]:
         filters: dict[str, Any] = {"StudyDate": date}
         if time_range:
             filters["StudyTime"] = f"{time_range[0]}-{time_range[1]}"
-        if len(modalities) == 1:
-            filters["ModalitiesInStudy"] = modalities[0]
-        answers = self._paged(
-            "QIDO-RS study search",
-            lambda limit, offset: self.client.search_for_studies(
-                fields=list(STUDY_FIELDS), search_filters=filters, limit=limit, offset=offset
-            ),
-        )
-        return studies_since((study_ref(Dataset.from_json(a)) for a in answers), since=None, modalities=modalities)
+        return self._search_studies(filters, None, modalities)
 
     def find_series(self, study_instance_uid: str) -> list[SeriesRef]:
         answers = self._paged(

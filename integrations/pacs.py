@@ -342,32 +342,28 @@ class DimseStudySource:
                     raise _status_error("C-FIND", status, self.called_ae, self.calling_ae)
         return out
 
-    def find_studies(self, *, since: dt.datetime | None, modalities: Sequence[str] = ()) -> list[StudyRef]:
+    def _study_query(self, date: str, time: str, modalities: Sequence[str]) -> list[Dataset]:
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
         q.StudyInstanceUID = ""
-        q.StudyDate = f"{since:%Y%m%d}-" if since else ""
-        q.StudyTime = ""
+        q.StudyDate = date
+        q.StudyTime = time
         q.AccessionNumber = ""
         q.StudyDescription = ""
         q.ModalitiesInStudy = modalities[0] if len(modalities) == 1 else ""
         q.NumberOfStudyRelatedInstances = ""
-        return studies_since((study_ref(ds) for ds in self._find(q)), since=since, modalities=modalities)
+        return self._find(q)
+
+    def find_studies(self, *, since: dt.datetime | None, modalities: Sequence[str] = ()) -> list[StudyRef]:
+        answers = self._study_query(f"{since:%Y%m%d}-" if since else "", "", modalities)
+        return studies_since((study_ref(ds) for ds in answers), since=since, modalities=modalities)
 
     def find_studies_on(
         self, *, date: str, time_range: tuple[str, str] | None = None, modalities: Sequence[str] = ()
     ) -> list[StudyRef]:
         """Studies of one day (YYYYMMDD), optionally within StudyTime HHMMSS-HHMMSS (backfill windows)."""
-        q = Dataset()
-        q.QueryRetrieveLevel = "STUDY"
-        q.StudyInstanceUID = ""
-        q.StudyDate = date
-        q.StudyTime = f"{time_range[0]}-{time_range[1]}" if time_range else ""
-        q.AccessionNumber = ""
-        q.StudyDescription = ""
-        q.ModalitiesInStudy = modalities[0] if len(modalities) == 1 else ""
-        q.NumberOfStudyRelatedInstances = ""
-        return studies_since((study_ref(ds) for ds in self._find(q)), since=None, modalities=modalities)
+        answers = self._study_query(date, f"{time_range[0]}-{time_range[1]}" if time_range else "", modalities)
+        return studies_since((study_ref(ds) for ds in answers), since=None, modalities=modalities)
 
     def find_series(self, study_instance_uid: str) -> list[SeriesRef]:
         q = Dataset()
