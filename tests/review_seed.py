@@ -5,6 +5,7 @@ process) and the browser tests (a real server, a real Chromium)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.engine import Engine
 
@@ -154,3 +155,16 @@ def seed(engine: Engine, store: ObjectStore, *, identities: bool = False) -> See
         for name, role in (("rita", "reviewer"), ("vic", "viewer"), ("ada", "admin")):
             reviews.add_user(session=session, name=name, role=role, password_hash=hash_password(PASSWORD))
         return Seeded(study_ids=studies, finding_ids=findings, image_ids=images, model_version_id=mv.id)
+
+
+def seeded_database(folder: Any) -> tuple[Engine, Any, Seeded]:
+    """A migrated SQLite database and a local object store under `folder`, seeded; (engine, store, seeded)."""
+    from db.migrate import upgrade
+    from db.session import make_engine
+    from integrations.storage import LocalObjectStore
+
+    url = f"sqlite:///{folder / 'seeded.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    store = LocalObjectStore(folder / "objects")
+    return engine, store, seed(engine, store)

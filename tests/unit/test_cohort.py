@@ -10,23 +10,17 @@ from sqlmodel import Session, func, select
 
 from db import reviews
 from db.cohort import CohortSyntaxError, parse_where, run_cohort
-from db.migrate import upgrade
 from db.models import Study
-from db.session import make_engine, session_scope
+from db.session import session_scope
 from flows.cohort import cohort, write_finetune, write_table
-from integrations.storage import LocalObjectStore
-from tests.review_seed import TEXTS, seed
+from tests.review_seed import TEXTS, seeded_database
 
 KNOWN = list(TEXTS)
 
 
 @pytest.fixture
 def data(tmp_path):
-    url = f"sqlite:///{tmp_path / 'c.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    store = LocalObjectStore(tmp_path / "objects")
-    seeded = seed(engine, store)
+    engine, store, seeded = seeded_database(tmp_path)
     yield engine, store, seeded
     engine.dispose()
 

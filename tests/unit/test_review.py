@@ -18,16 +18,12 @@ from db.migrate import upgrade
 from db.session import make_engine, session_scope
 from integrations.storage import LocalObjectStore
 from review.app import ReviewConfig, create_app
-from tests.review_seed import CRITICAL, ORDER_CRITICAL, ORDER_UNCERTAIN, PASSWORD, TEXTS, seed
+from tests.review_seed import CRITICAL, ORDER_CRITICAL, ORDER_UNCERTAIN, PASSWORD, TEXTS, seed, seeded_database
 
 
 @pytest.fixture
 def env(tmp_path):
-    url = f"sqlite:///{tmp_path / 'r.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    store = LocalObjectStore(tmp_path / "objects")
-    seeded = seed(engine, store)
+    engine, store, seeded = seeded_database(tmp_path)
     app = create_app(
         engine=engine,
         store=store,
