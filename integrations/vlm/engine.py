@@ -29,6 +29,7 @@ NO_WORDS = frozenset({"no"})
 
 
 DEFAULT_STOP_STRINGS: tuple[str, ...] = ("\n",)
+PACKED_FAMILIES = frozenset({"smolvlm", "idefics3", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3"})
 IMAGE_MARK = "\x00image\x00"  # where an interleaving processor (IDEFICS) places the image in a prompt
 
 
@@ -122,6 +123,8 @@ class VlmEngine:
         # IDEFICS (Flamingo-style): the image enters by cross-attention; its processor takes interleaved
         # text/image lists and has no chat template
         self.idefics = self.family == "idefics"
+        # score the K questions packed in one row (block-diagonal mask) where the family takes a 4D mask
+        self.packed_scoring = self.family in PACKED_FAMILIES
         self._image_states_key = (
             "perceiver_embeddings" if getattr(config, "use_resampler", False) else ("image_encoder_embeddings")
         )
@@ -276,6 +279,10 @@ class VlmEngine:
             timings["vision_ms"] = self._vision_s * 1000
             timings["prefix_ms"] = (t_end - t_pre - self._vision_s) * 1000
             t1 = time.perf_counter()
+            if self.packed_scoring and not self.idefics:
+                probs = self._score_packed(pre, cache, [q + suffix_tpl for q in questions], temperature)
+                timings["scoring_ms"] = (time.perf_counter() - t1) * 1000
+                return probs, timings
             k, p_len = len(questions), pre["input_ids"].shape[1]
             self.tokenizer.padding_side = "right"
             suf = self.tokenizer(
@@ -311,6 +318,40 @@ class VlmEngine:
             probs = self._p_yes(logits, temperature)
             timings["scoring_ms"] = (time.perf_counter() - t1) * 1000
         return probs, timings
+
+    def _score_packed(self, pre: Any, cache: Any, suffixes: list[str], temperature: float) -> list[float]:
+        """All K question continuations in ONE row after the cached prefix: no padding and no K-fold copy
+        of the cache. A block-diagonal 4D mask lets each question see the prefix and its own earlier
+        tokens only, and its positions restart after the prefix, so each answer is exactly what a
+        separate continuation would give (checked against a full forward for every family)."""
+        torch = self._torch
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in suffixes]
+        p_len = pre["input_ids"].shape[1]
+        lengths = torch.tensor([len(x) for x in ids], device=self.device)
+        total = int(lengths.sum())
+        packed = torch.tensor([t for x in ids for t in x], device=self.device).view(1, total)
+        owner = torch.repeat_interleave(torch.arange(len(ids), device=self.device), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        offset = torch.arange(total, device=self.device) - starts[owner]  # position within its question
+        own = (owner.view(-1, 1) == owner.view(1, -1)) & (offset.view(1, -1) <= offset.view(-1, 1))
+        prefix_ok = pre["attention_mask"].to(self.device).bool().view(1, p_len).expand(total, p_len)
+        allowed = torch.cat([prefix_ok, own], dim=1)
+        mask = torch.zeros((1, 1, total, p_len + total), dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed.view(1, 1, total, p_len + total), torch.finfo(self.dtype).min)
+        positions = (p_len + offset).view(1, total)
+        deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
+        if deltas is not None:  # Qwen2/2.5-VL M-RoPE: text positions after the image carry the delta
+            positions = (positions + deltas.to(self.device).view(-1, 1)).view(1, 1, total).expand(3, 1, total)
+        last = starts + lengths - 1
+        out = self.model(
+            input_ids=packed,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=last,
+        )
+        return self._p_yes(out.logits[0], temperature)
 
     def p_yes_full(self, image: Any, context: str, question: str, *, temperature: float = 1.0) -> float:
         """The same probability from one full forward without a cache (the reference for P2)."""
