@@ -319,6 +319,97 @@ class VlmEngine:
             timings["scoring_ms"] = (time.perf_counter() - t1) * 1000
         return probs, timings
 
+    def p_yes_shared_batch(
+        self, items: Sequence[tuple[Any, str, Sequence[str]]], *, temperature: float = 1.0
+    ) -> list[tuple[list[float], dict[str, float]]]:
+        """P(yes) for the questions of several images in two forwards: the N image + context prefixes in
+        one left-padded batch, then each image's questions packed in its own row after its prefix.
+        Families without packed scoring (and a single image) go one image at a time."""
+        if len(items) < 2 or not self.packed_scoring or self.idefics:
+            return [self.p_yes_shared(im, ctx, qs, temperature=temperature) for im, ctx, qs in items]
+        torch = self._torch
+        with self._lock, torch.inference_mode():
+            t0 = time.perf_counter()
+            splits = [self.split_prompt(ctx) for _, ctx, _ in items]
+            pre = self._inputs([prefix for prefix, _ in splits], [im for im, _, _ in items])
+            t_pre = time.perf_counter()
+            self._vision_s = 0.0
+            mask2d = pre["attention_mask"]
+            extra: dict[str, Any] = {}
+            if getattr(getattr(self.model, "model", None), "rope_deltas", None) is None and "qwen" not in self.family:
+                extra["position_ids"] = (mask2d.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
+            out = self.model(**pre, use_cache=True, logits_to_keep=1, **extra)
+            t_end = time.perf_counter()
+            n = len(items)
+            per_ms = {
+                "preprocess_ms": (t_pre - t0) * 1000 / n,
+                "vision_ms": self._vision_s * 1000 / n,
+                "prefix_ms": (t_end - t_pre - self._vision_s) * 1000 / n,
+            }
+            t1 = time.perf_counter()
+            rows = [
+                [self.tokenizer(q + suffix_tpl, add_special_tokens=False)["input_ids"] for q in qs]
+                for (_, _, qs), (_, suffix_tpl) in zip(items, splits, strict=True)
+            ]
+            probs = self._score_packed_rows(mask2d, out.past_key_values, rows, temperature)
+            scoring_ms = (time.perf_counter() - t1) * 1000
+        total_q = max(1, sum(len(r) for r in rows))
+        return [(p, {**per_ms, "scoring_ms": scoring_ms * len(r) / total_q}) for p, r in zip(probs, rows, strict=True)]
+
+    def _score_packed_rows(
+        self, prefix_mask: Any, cache: Any, rows: list[list[list[int]]], temperature: float
+    ) -> list[list[float]]:
+        """Each row's questions packed after its (left-padded) cached prefix; rows padded to one length,
+        pad tokens attending only to themselves so every value stays finite."""
+        torch = self._torch
+        n, p_len = prefix_mask.shape
+        lengths = [[len(q) for q in r] for r in rows]
+        total = max(sum(ls) for ls in lengths)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((n, total), pad_id, dtype=torch.long, device=self.device)
+        positions = torch.zeros((n, total), dtype=torch.long, device=self.device)
+        allowed = torch.zeros((n, total, p_len + total), dtype=torch.bool, device=self.device)
+        real_prefix = prefix_mask.to(self.device).bool()
+        prefix_len = real_prefix.sum(1)
+        lasts: list[list[int]] = []
+        for b, r in enumerate(rows):
+            flat = [t for q in r for t in q]
+            ids[b, : len(flat)] = torch.tensor(flat, dtype=torch.long, device=self.device)
+            start, row_last = 0, []
+            for q in r:
+                span = slice(start, start + len(q))
+                positions[b, span] = int(prefix_len[b]) + torch.arange(len(q), device=self.device)
+                allowed[b, span, :p_len] = real_prefix[b]
+                allowed[b, span, p_len + start : p_len + start + len(q)] = torch.tril(
+                    torch.ones((len(q), len(q)), dtype=torch.bool, device=self.device)
+                )
+                start += len(q)
+                row_last.append(start - 1)
+            for j in range(start, total):  # padding: itself only
+                allowed[b, j, p_len + j] = True
+            lasts.append(row_last)
+        mask = torch.zeros((n, 1, total, p_len + total), dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed.view(n, 1, total, p_len + total), torch.finfo(self.dtype).min)
+        deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
+        pos: Any = positions
+        if deltas is not None:  # Qwen2/2.5-VL M-RoPE: text positions after the image carry each row's delta
+            pos = (positions + deltas.to(self.device).view(-1, 1)).view(1, n, total).expand(3, n, total)
+        keep = torch.unique(torch.tensor([i for row in lasts for i in row], device=self.device))
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=keep,  # the LM head only where an answer is read
+        )
+        return [
+            self._p_yes(
+                out.logits[b, torch.searchsorted(keep, torch.tensor(lasts[b], device=self.device))], temperature
+            )
+            for b in range(n)
+        ]
+
     def _score_packed(self, pre: Any, cache: Any, suffixes: list[str], temperature: float) -> list[float]:
         """All K question continuations in ONE row after the cached prefix: no padding and no K-fold copy
         of the cache. A block-diagonal 4D mask lets each question see the prefix and its own earlier

@@ -140,12 +140,37 @@ class LocalAnnotator:
         return self._info
 
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[AnnotationResult]:
-        """Captions for all `requests` in batched engine calls; questions per image (prefix-shared)."""
+        """Captions and closed questions for all `requests` in batched engine calls; open questions per image."""
         from PIL import Image as PILImage
 
         images = [PILImage.open(io.BytesIO(r.image_png)).convert("RGB") for r in requests]
         captions = self._captions(requests, images)
-        return [self._one(r, image, captions.get(i)) for i, (r, image) in enumerate(zip(requests, images, strict=True))]
+        closed = self._closed(requests, images)
+        return [
+            self._one(r, image, captions.get(i), closed.get(i))
+            for i, (r, image) in enumerate(zip(requests, images, strict=True))
+        ]
+
+    def _closed(
+        self, requests: Sequence[AnnotationRequest], images: list[Any]
+    ) -> dict[int, tuple[list[float], dict[str, float]]]:
+        """The closed questions of every request: in one batched engine call where the engine has one
+        (prefixes of all images in one forward, each image's questions packed after its prefix)."""
+        todo = [i for i, r in enumerate(requests) if any(q.kind == "closed" for q in r.questions)]
+        items = [
+            (
+                images[i],
+                prompts.closed_prefix(requests[i].context),
+                [prompts.closed_question(q.prompt or q.text) for q in requests[i].questions if q.kind == "closed"],
+            )
+            for i in todo
+        ]
+        batch = getattr(self.engine, "p_yes_shared_batch", None)  # plugins may score one image at a time
+        if batch is not None:
+            results = batch(items, temperature=self.temperature)
+        else:
+            results = [self.engine.p_yes_shared(im, ctx, qs, temperature=self.temperature) for im, ctx, qs in items]
+        return dict(zip(todo, results, strict=True))
 
     def _captions(self, requests: Sequence[AnnotationRequest], images: list[Any]) -> dict[int, tuple[str, float]]:
         by_cap: dict[int, list[int]] = {}
@@ -168,19 +193,20 @@ class LocalAnnotator:
             out.update({i: (text, per_image_ms) for i, text in zip(indices, texts, strict=True)})
         return out
 
-    def _one(self, request: AnnotationRequest, image: Any, caption: tuple[str, float] | None) -> AnnotationResult:
+    def _one(
+        self,
+        request: AnnotationRequest,
+        image: Any,
+        caption: tuple[str, float] | None,
+        scored: tuple[list[float], dict[str, float]] | None,
+    ) -> AnnotationResult:
         timings: dict[str, float] = {}
         if caption is not None:
             timings["caption_ms"] = caption[1]
         answers: dict[str, Answer] = {}
         closed = [q for q in request.questions if q.kind == "closed"]
-        if closed:
-            probs, t = self.engine.p_yes_shared(
-                image,
-                prompts.closed_prefix(request.context),
-                [prompts.closed_question(q.prompt or q.text) for q in closed],
-                temperature=self.temperature,
-            )
+        if closed and scored is not None:
+            probs, t = scored
             timings.update(t)
             answers |= {q.id: Answer(q.id, "yes" if p >= 0.5 else "no", p) for q, p in zip(closed, probs, strict=True)}
         t0 = time.perf_counter()

@@ -118,3 +118,27 @@ def test_a_question_prompt_overrides_its_text(family_model):
     (a,) = annotator.annotate([request])
     (b,) = annotator.annotate([AnnotationRequest(png(4), ImageContext("DX", "CHEST"), (worded,), caption=False)])
     assert a.answers[0].p_yes != b.answers[0].p_yes
+
+
+@pytest.mark.parametrize("family", CHAT_FAMILIES)
+def test_closed_questions_of_several_images_in_one_call_equal_one_at_a_time(family, tmp_path):
+    """Different images, contexts of different lengths (left padding) and different question counts."""
+    from integrations.vlm.engine import VlmEngine
+
+    engine = VlmEngine(build_tiny(family, tmp_path / family))
+    images = [Image.open(io.BytesIO(png(seed))).convert("RGB") for seed in (3, 4, 5)]
+    contexts = [
+        prompts.context_text(ImageContext("DX", "CHEST", "PA")),
+        prompts.context_text(ImageContext("CT", "", "", "HFS")),
+        prompts.context_text(ImageContext("MR", "BRAIN", "", "HEAD FIRST SUPINE")),
+    ]
+    questions = [
+        [prompts.closed_question(q) for q in ("Is there a mass?", "Is the heart enlarged?")],
+        [prompts.closed_question("Is there a nodule?")],
+        [prompts.closed_question(q) for q in ("Is there hemorrhage?", "Is there a mass?", "Are the ventricles large?")],
+    ]
+    batched = engine.p_yes_shared_batch(list(zip(images, contexts, questions, strict=True)))
+    for (probs, timings), image, context, qs in zip(batched, images, contexts, questions, strict=True):
+        alone, _ = engine.p_yes_shared(image, context, qs)
+        assert max(abs(a - b) for a, b in zip(probs, alone, strict=True)) <= 1e-4
+        assert "scoring_ms" in timings
