@@ -243,6 +243,10 @@ def backfill(
 
 
 def run_backfill(settings: NightreadSettings, **kwargs: Any) -> dict[str, Any]:
+    if settings.backfill.associations is not None:  # the backfill's own bound on retrievals at once
+        settings = settings.model_copy(
+            update={"flow": settings.flow.model_copy(update={"concurrency": settings.backfill.associations})}
+        )
     runner: Any = ThreadPoolTaskRunner(max_workers=settings.flow.concurrency + settings.flow.annotating_studies)
     out: dict[str, Any] = backfill.with_options(task_runner=runner)(settings=settings, **kwargs)
     return out

@@ -1014,6 +1014,10 @@ def validate(
         bool, typer.Option(help="store the fitted temperature on the model version (later P(yes) calibrated)")
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    model: Annotated[
+        str | None, typer.Option(help="checkpoint to validate instead of NIGHTREAD_INFERENCE__MODEL")
+    ] = None,
+    revision: Annotated[str | None, typer.Option(help="its revision")] = None,
 ) -> None:
     """Run the configured model over a labeled set; metrics per modality and question; stored per model version."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -1030,6 +1034,8 @@ def validate(
             report=report,
             predictions_out=predictions_out,
             apply_temperature=apply_temperature,
+            model=model,
+            revision=revision,
         )
     except (DatasetError, ConfigurationError) as exc:
         raise _fail(str(exc), 2) from None

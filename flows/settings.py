@@ -200,6 +200,9 @@ class BackfillSettings(BaseModel):
     studies_per_hour: float | None = Field(
         default=None, gt=0, description="at most this many studies retrieved per hour"
     )
+    associations: int | None = Field(
+        default=None, ge=1, le=64, description="studies retrieved at once by a backfill (default: flow.concurrency)"
+    )
 
     @field_validator("window")
     @classmethod

@@ -204,10 +204,17 @@ def validate(
     report: Path | None = None,
     predictions_out: Path | None = None,
     apply_temperature: bool = True,
+    model: str | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
-    """Score the configured model on `dataset` (a folder, or "reviews"); store the run; optionally
-    store the fitted temperature on the model version, write a report and the predictions."""
+    """Score the configured model (or `model`/`revision`) on `dataset` (a folder, or "reviews"); store
+    the run; optionally store the fitted temperature on the model version, write a report and the
+    predictions."""
     settings = settings or NightreadSettings()
+    if model is not None:
+        settings = settings.model_copy(
+            update={"inference": settings.inference.model_copy(update={"model": model, "revision": revision})}
+        )
     logger = get_run_logger()
     with Runtime.build(settings) as rt:
         labeled = reviews_set(rt) if dataset == "reviews" else folder_set(Path(dataset))
@@ -240,18 +247,18 @@ def validate(
                 mv.temperature = temperature
                 session.add(mv)
             session.flush()
-            model = {"id": mv.id, "name": mv.name, "revision": mv.revision}
+            model_row = {"id": mv.id, "name": mv.name, "revision": mv.revision}
             run_id = run.id
         if predictions_out is not None:
             write_predictions(predictions_out, predictions)
         report_path = None
         if report is not None:
-            reliability_diagram(ps, ys, report / "reliability.png", title=f"{model['name']}: raw P(yes)")
+            reliability_diagram(ps, ys, report / "reliability.png", title=f"{model_row['name']}: raw P(yes)")
             if temperature:
                 reliability_diagram(
                     calibrated, ys, report / "reliability-calibrated.png", title=f"T = {temperature:.2f}"
                 )
-            report_path = write_report(report, model=model, labeled=labeled, metrics=metrics, extra=extra)
+            report_path = write_report(report, model=model_row, labeled=labeled, metrics=metrics, extra=extra)
         logger.info("validation run %s of model version %s: %d examples", run_id, mv_id, len(labeled.examples))
     return {
         "validation_run_id": run_id,

@@ -84,7 +84,7 @@ def test_backfill_finds_every_study_and_resumes_where_it_stopped(
     pacs, studies = two_per_day
     settings = make_settings(
         pacs={"port": pacs.port, "called_ae": pacs.ae_title},
-        backfill={"result_limit": 2, "window": "19:00-07:00"},
+        backfill={"result_limit": 2, "window": "19:00-07:00", "associations": 1},
     )
     upgrade(settings.database_url)
     start, end = f"{TODAY - dt.timedelta(days=4):%Y-%m-%d}", f"{TODAY:%Y-%m-%d}"

@@ -145,7 +145,7 @@ def test_promotion_gate(prefect_harness, make_settings, labeled):
         (mv,) = session.exec(select(ModelVersion)).all()
     with pytest.raises(PermissionError, match="no validation run"):
         promote(engine, mv.id, settings.validation)
-    validate(str(labeled), settings=settings)
+    validate(str(labeled), settings=settings, model=settings.inference.model)  # the model named explicitly
     strict = ValidationSettings(min_examples=100, min_closed_accuracy=0.99, min_auroc=0.99, max_ece=0.0)
     with pytest.raises(PermissionError, match=r"16 examples < 100.*closed_accuracy"):
         promote(engine, mv.id, strict)
