@@ -82,7 +82,7 @@ def _hhmmss(seconds: int) -> str:
 
 
 def find_day(
-    source: StudySource, day: str, modalities: Sequence[str], limit: int, counts: Counter[str]
+    source: StudySource, *, day: str, modalities: Sequence[str], limit: int, counts: Counter[str]
 ) -> list[StudyRef]:
     """All studies of one day, splitting the day into time windows while an answer reaches `limit`."""
     found: dict[str, StudyRef] = {}
@@ -108,9 +108,11 @@ def find_day(
 @task(name="backfill-day", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
 def register_day(rt: Runtime, source_id: int, day: str, modalities: Sequence[str]) -> dict[str, int]:
     counts: Counter[str] = Counter()
-    refs = find_day(rt.source(source_id), day, modalities, rt.settings.backfill.result_limit, counts)
+    refs = find_day(
+        rt.source(source_id), day=day, modalities=modalities, limit=rt.settings.backfill.result_limit, counts=counts
+    )
     with session_scope(rt.engine) as session:
-        new = register_refs(session, source_id, refs)
+        new = register_refs(session=session, source_id=source_id, refs=refs)
     return {**counts, "found": len(refs), "new": new}
 
 

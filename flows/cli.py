@@ -952,8 +952,8 @@ def cohort_cmd(
         counts = write_finetune(
             engine,
             store,
-            result,
-            finetune,
+            result=result,
+            out_dir=finetune,
             question_texts={q.id: q.text for q in bank.questions},
             answers=answers,  # type: ignore[arg-type]
             model_version_id=model_version,
@@ -962,6 +962,19 @@ def cohort_cmd(
             f"fine-tuning set: {counts['images']} image(s), {counts['turns']} turn(s) in {finetune}/train.jsonl"
         )
     engine.dispose()
+    if deid_out is not None:
+        from flows.deid_export import export_deidentified
+        from flows.runtime import Runtime
+        from integrations.errors import NightreadError
+
+        with Runtime.build(settings) as rt:
+            try:
+                m = export_deidentified(rt, result=result, out_dir=deid_out)
+            except NightreadError as exc:
+                raise _fail(str(exc), 2) from None
+        console.print(
+            f"de-identified: {m['studies']} studies, {m['dicom_files']} DICOM files, {m['pngs']} PNGs in {deid_out}"
+        )
 
 
 # --- validation and the promotion gate ----------------------------------------------------------------
@@ -1118,7 +1131,7 @@ def models_promote(model_version: Annotated[int, typer.Argument(help="model vers
     settings = _settings()
     engine = _engine_at_head(settings)
     try:
-        mv = promote(engine, model_version, settings.validation)
+        mv = promote(engine, model_version_id=model_version, minimums=settings.validation)
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
     except PermissionError as exc:

@@ -127,9 +127,9 @@ def model_version_info(engine: Any, ids: Sequence[int]) -> list[dict[str, Any]]:
 def write_finetune(
     engine: Any,
     store: ObjectStore,
+    *,
     result: CohortResult,
     out_dir: Path,
-    *,
     question_texts: dict[str, str],
     answers: Answers = "reviewed",
     model_version_id: int | None = None,

@@ -33,7 +33,7 @@ def pseudonymizer(rt: Runtime) -> Pseudonymizer:
     return Pseudonymizer(key=key.encode())
 
 
-def export_deidentified(rt: Runtime, result: CohortResult, out_dir: Path) -> dict[str, Any]:
+def export_deidentified(rt: Runtime, *, result: CohortResult, out_dir: Path) -> dict[str, Any]:
     """Write out_dir/dicom/<study>/<sop>.dcm, out_dir/images/<sop>-f<frame>.png, out_dir/cohort.csv and
     out_dir/manifest.json; returns the manifest. Raises ConfigurationError if out_dir is not empty."""
     if out_dir.exists() and any(out_dir.iterdir()):

@@ -29,7 +29,7 @@ def _since(source: PacsSource, lookback_days: int) -> dt.datetime:
     return today - dt.timedelta(days=lookback_days)
 
 
-def register_refs(session: Any, source_id: int, refs: Sequence[StudyRef]) -> int:
+def register_refs(*, session: Any, source_id: int, refs: Sequence[StudyRef]) -> int:
     """Register what a PACS answered (new studies only); returns how many were new."""
     return repo.register_studies(
         session=session,
@@ -63,7 +63,7 @@ def discover_studies(rt: Runtime, source_id: int) -> dict[str, int]:
         since = _since(source, p.lookback_days)
     refs = rt.source(source_id).find_studies(since=since, modalities=p.modalities)
     with session_scope(rt.engine) as session:
-        new = register_refs(session, source_id, refs)
+        new = register_refs(session=session, source_id=source_id, refs=refs)
         if refs:
             date, time_ = max(r.sort_key for r in refs)
             repo.move_cursor(session=session, source_id=source_id, date=date, time=time_)

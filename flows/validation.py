@@ -302,7 +302,7 @@ def gate_failures(run: ValidationRun | None, minimums: ValidationSettings) -> li
     return problems
 
 
-def promote(engine: Any, model_version_id: int, minimums: ValidationSettings) -> ModelVersion:
+def promote(engine: Any, *, model_version_id: int, minimums: ValidationSettings) -> ModelVersion:
     """Make a model version the promoted default; refuses (PermissionError, with every reason) unless
     its latest validation run meets the minimums."""
     with session_scope(engine) as session:

@@ -352,9 +352,23 @@ def test_cohort_export_from_the_cli(tmp_path):
     engine.dispose()
     env = {"NIGHTREAD_DATA_DIR": str(tmp_path)}
     out = tmp_path / "x" / "cohort.parquet"
-    r = run("cohort", "--where", "pleural_effusion >= 0.8", "--per", "image", "--out", str(out), env=env)
+    r = run(
+        "cohort",
+        "--where",
+        "pleural_effusion >= 0.8",
+        "--per",
+        "image",
+        "--out",
+        str(out),
+        "--finetune",
+        str(tmp_path / "ft"),
+        "--answers",
+        "model",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert "1 image(s) match" in r.stdout
+    assert len((tmp_path / "ft" / "train.jsonl").read_text().splitlines()) == 1
     assert pq.read_table(out).num_rows == 1
     assert (tmp_path / "x" / "cohort.parquet.manifest.json").exists()
     bad = run("cohort", "--where", "pleural_effusion >= maybe", env=env)

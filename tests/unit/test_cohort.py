@@ -139,7 +139,7 @@ def test_finetune_export_uses_reviewed_labels_unless_asked_for_the_models(data, 
             session=session, user=rita, finding_id=s.finding_ids["pneumothorax"], decision="correct", to_answer="no"
         )
     everything = cohort(engine, "", known_questions=KNOWN)
-    counts = write_finetune(engine, store, everything, tmp_path / "ft", question_texts=TEXTS)
+    counts = write_finetune(engine, store, result=everything, out_dir=tmp_path / "ft", question_texts=TEXTS)
     assert counts == {"images": 1, "turns": 1}
     (record,) = [json.loads(line) for line in (tmp_path / "ft" / "train.jsonl").read_text().splitlines()]
     assert record["conversations"] == [
@@ -147,7 +147,9 @@ def test_finetune_export_uses_reviewed_labels_unless_asked_for_the_models(data, 
         {"from": "gpt", "value": "no"},
     ]
     assert (tmp_path / "ft" / record["image"]).read_bytes()[:4] == b"\x89PNG"
-    counts = write_finetune(engine, store, everything, tmp_path / "ft2", question_texts=TEXTS, answers="model")
+    counts = write_finetune(
+        engine, store, result=everything, out_dir=tmp_path / "ft2", question_texts=TEXTS, answers="model"
+    )
     assert counts["images"] == 2
     first = json.loads((tmp_path / "ft2" / "train.jsonl").read_text().splitlines()[0])
     assert first["conversations"][:2] == [

@@ -4,6 +4,10 @@ no PatientName, PatientID, BirthDate, AccessionNumber or original UID survives i
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pydicom import Dataset, dcmread
@@ -91,9 +95,9 @@ def test_export_leaves_no_identifier_in_any_file(prefect_harness, make_settings,
 
         with Session(engine) as session:
             result = run_cohort(session=session, where="", known_questions=[q.id for q in rt.bank.questions])
-        manifest = export_deidentified(rt, result, out)
+        manifest = export_deidentified(rt, result=result, out_dir=out)
         with pytest.raises(ConfigurationError, match="not empty"):
-            export_deidentified(rt, result, out)
+            export_deidentified(rt, result=result, out_dir=out)
         assert manifest["studies"] == 5
         assert manifest["dicom_files"] == 12, "the instances of the 12 annotated images (not the CT windows again)"
         secret_values = set()
@@ -118,6 +122,31 @@ def test_export_leaves_no_identifier_in_any_file(prefect_harness, make_settings,
         header, *rows = (out / "cohort.csv").read_text().splitlines()
         study_col = header.split(",").index("study")
         assert {r.split(",")[study_col] for r in rows} == {f.name for f in (out / "dicom").iterdir()}
+        # the same export from the CLI, for a smaller cohort
+        cli = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "nightread"),
+                "cohort",
+                "--where",
+                "modality = CT",
+                "--deid-out",
+                str(tmp_path / "deid-ct"),
+            ],
+            env={
+                **os.environ,
+                "NIGHTREAD_DATA_DIR": str(settings.data_dir),
+                "NIGHTREAD_PACS__PORT": str(sample_pacs.port),
+                "NIGHTREAD_PACS__CALLED_AE": sample_pacs.ae_title,
+            },
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert "de-identified: 1 studies, 3 DICOM files" in cli.stdout
+        assert {f.name for f in (tmp_path / "deid-ct" / "dicom").iterdir()} <= {
+            f.name for f in (out / "dicom").iterdir()
+        }
         one = dcmread(next((out / "dicom").rglob("*.dcm")))
         patient_ids = {str(st.instances[0].PatientID) for st in sample_pacs.archive.studies}
         back = reidentify(rt, str(one.PatientID))

@@ -144,13 +144,13 @@ def test_promotion_gate(prefect_harness, make_settings, labeled):
     with Session(engine) as session:
         (mv,) = session.exec(select(ModelVersion)).all()
     with pytest.raises(PermissionError, match="no validation run"):
-        promote(engine, mv.id, settings.validation)
+        promote(engine, model_version_id=mv.id, minimums=settings.validation)
     validate(str(labeled), settings=settings, model=settings.inference.model)  # the model named explicitly
     strict = ValidationSettings(min_examples=100, min_closed_accuracy=0.99, min_auroc=0.99, max_ece=0.0)
     with pytest.raises(PermissionError, match=r"16 examples < 100.*closed_accuracy"):
-        promote(engine, mv.id, strict)
+        promote(engine, model_version_id=mv.id, minimums=strict)
     lenient = ValidationSettings(min_examples=1, min_closed_accuracy=0.0, min_auroc=0.0, max_ece=1.0)
-    assert promote(engine, mv.id, lenient).promoted_at is not None
+    assert promote(engine, model_version_id=mv.id, minimums=lenient).promoted_at is not None
     with Runtime.build(settings) as rt:
         assert check_promoted(rt) == mv.id
     engine.dispose()
