@@ -6,7 +6,18 @@ import pytest
 from sqlmodel import Session, func, select
 
 from db.migrate import upgrade
-from db.models import Caption, Failure, Finding, Image, ModelVersion, PacsSource, Run, StructuredReport, Study
+from db.models import (
+    Caption,
+    Failure,
+    Finding,
+    Image,
+    ModelVersion,
+    PacsSource,
+    Run,
+    StructuredReport,
+    Study,
+    StudyIdentity,
+)
 from db.session import make_engine
 from flows.annotate import annotate_study
 from flows.nightly import run_nightly
@@ -93,6 +104,8 @@ def test_nightly_end_to_end_then_idempotent(prefect_harness, settings):
     assert not any(uid in key for key in keys for uid in uids)
     assert all(store.get(i.object_key)[:4] == b"\x89PNG" for i in images.values())
 
+    with Session(engine) as s:
+        assert s.exec(select(StudyIdentity)).all() == [], "no patient identifiers stored by default"
     # one SR per study, read back with highdicom: every image with a caption or answers is in it
     with Session(engine) as s:
         reports = s.exec(select(StructuredReport)).all()
@@ -129,11 +142,17 @@ def test_nightly_end_to_end_then_idempotent(prefect_harness, settings):
 def test_reports_are_written_back_once(prefect_harness, make_settings, sample_pacs):
     """write_back on: each study's SR is C-STOREd to the PACS; re-running a study whose findings did not
     change derives the same SOP Instance UID, so nothing new is built or sent."""
-    settings = make_settings(pacs={"port": sample_pacs.port, "called_ae": sample_pacs.ae_title, "write_back": True})
+    settings = make_settings(
+        pacs={"port": sample_pacs.port, "called_ae": sample_pacs.ae_title, "write_back": True},
+        review={"show_patient_identifiers": True},
+    )
     upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     result = run_nightly(settings)
     assert (result["reports"], result["reports_sent"]) == (5, 5)
+    with Session(engine) as s:  # identifiers kept for the review page only because the setting asks for it
+        names = {i.patient_name for i in s.exec(select(StudyIdentity)).all()}
+    assert names == {str(st.instances[0].PatientName) for st in sample_pacs.archive.studies}
     with Session(engine) as s:
         reports = s.exec(select(StructuredReport)).all()
     assert all(r.sent_at is not None for r in reports)
