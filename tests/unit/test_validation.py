@@ -141,6 +141,10 @@ def test_promotion_gate(prefect_harness, make_settings, labeled):
     engine = make_engine(settings.database_url)
     with Runtime.build(settings) as rt, pytest.raises(ConfigurationError, match="not promoted"):
         check_promoted(rt)
+    from flows.nightly import run_nightly
+
+    with pytest.raises(ConfigurationError, match="not promoted"):
+        run_nightly(settings)  # before anything is retrieved
     with Session(engine) as session:
         (mv,) = session.exec(select(ModelVersion)).all()
     with pytest.raises(PermissionError, match="no validation run"):
