@@ -5,6 +5,11 @@ document.addEventListener("keydown", (e) => {
     if (e.key === "Escape") e.target.blur();
     return;
   }
+  if (e.key === "n") {  // next in the queue: for viewers too
+    const next = document.getElementById("next");
+    if (next) { e.preventDefault(); next.click(); }
+    return;
+  }
   const form = document.querySelector("form.decision.current");
   if (!form) return;
   const click = (value) => form.querySelector(`button[value="${value}"]`).click();
@@ -12,7 +17,6 @@ document.addEventListener("keydown", (e) => {
   else if (e.key === "r") { e.preventDefault(); click("reject"); }
   else if (e.key === "x") { e.preventDefault(); form.querySelector("[name=to_answer]").focus(); }
   else if (e.key === "m") { e.preventDefault(); form.querySelector("textarea[name=comment]").focus(); }
-  else if (e.key === "n") { e.preventDefault(); document.getElementById("next").click(); }
 });
 // Enter in the correction field submits a correction; Enter (without Shift) in the comment a comment.
 document.addEventListener("keydown", (e) => {

@@ -74,6 +74,9 @@ def test_a_viewer_cannot_decide(page, review_server):
     assert states(review_server.database_url, [seeded.finding_ids["pleural_effusion"]]) == {
         seeded.finding_ids["pleural_effusion"]: ("pending", None)
     }
+    page.keyboard.press("n")  # next in the queue without deciding
+    nodule = seeded.finding_ids[ORDER_CRITICAL[1]]
+    expect(page.get_by_test_id("study")).to_have_attribute("data-current", str(nodule))
 
 
 def test_confirm_and_correct_with_the_keyboard_then_log_out(page, review_server):
@@ -102,6 +105,14 @@ def test_confirm_and_correct_with_the_keyboard_then_log_out(page, review_server)
         effusion: ("confirmed", None),
         nodule: ("corrected", "no"),
     }
+    # m: a comment on the current finding (Enter sends it); the item stays, its state does not change
+    page.keyboard.press("m")
+    page.keyboard.type("skin fold, not a pleural line")
+    page.keyboard.press("Enter")
+    expect(page.locator("details.history")).to_contain_text("skin fold, not a pleural line")
+    pneumothorax = seeded.finding_ids["pneumothorax"]
+    expect(page.get_by_test_id("study")).to_have_attribute("data-current", str(pneumothorax))
+    assert states(review_server.database_url, [pneumothorax]) == {pneumothorax: ("pending", None)}
     page.goto(f"/studies/{seeded.study_ids['ct']}")
     expect(page.locator(f'li.finding[data-finding="{nodule}"] [data-testid=state]')).to_have_text("corrected: no")
     page.get_by_role("button", name="Log out").click()
