@@ -310,6 +310,15 @@ def sample_pacs(
         pacs.stop()
 
 
+def _flow_settings() -> NightreadSettings:
+    """Settings for a command that runs a flow: Prefect's log level at WARNING (the command prints its own
+    summary) and the database schema at head."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    settings = _settings()
+    _engine_at_head(settings).dispose()
+    return settings
+
+
 def _engine_at_head(settings: NightreadSettings) -> Any:
     from db.migrate import upgrade
     from db.session import make_engine
@@ -1033,13 +1042,11 @@ def validate(
     revision: Annotated[str | None, typer.Option(help="its revision")] = None,
 ) -> None:
     """Run the configured model over a labeled set; metrics per modality and question; stored per model version."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from flows.metrics import DatasetError
     from flows.validation import validate as validate_flow
     from integrations.errors import ConfigurationError
 
-    settings = _settings()
-    _engine_at_head(settings).dispose()
+    settings = _flow_settings()
     try:
         result = validate_flow(
             dataset,
@@ -1152,12 +1159,10 @@ def backfill_cmd(
     source: Annotated[str | None, typer.Option(help="source name (default: the first enabled one)")] = None,
 ) -> None:
     """Discover and annotate past studies day by day; run it again to resume after a stop or a pause."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from flows.backfill import run_backfill
     from integrations.errors import ConfigurationError
 
-    settings = _settings()
-    _engine_at_head(settings).dispose()
+    settings = _flow_settings()
     try:
         result = run_backfill(settings, start_date=start, end_date=end, modalities=modality or [], source=source)
     except ConfigurationError as exc:
@@ -1181,13 +1186,11 @@ def reannotate(
     revision: Annotated[str | None, typer.Option(help="its revision")] = None,
 ) -> None:
     """Annotate stored images of a cohort with a new model or question bank; the PACS is not contacted."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from db.cohort import CohortSyntaxError
     from flows.backfill import reannotate as reannotate_flow
     from integrations.errors import ConfigurationError
 
-    settings = _settings()
-    _engine_at_head(settings).dispose()
+    settings = _flow_settings()
     try:
         result = reannotate_flow(where=where, model=model, revision=revision, settings=settings)
     except (CohortSyntaxError, ConfigurationError) as exc:

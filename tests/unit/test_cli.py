@@ -392,3 +392,6 @@ def test_backfill_models_and_validate_commands_refuse_bad_input_clearly(tmp_path
     assert no_set.returncode == 2
     assert "not a folder" in no_set.stderr
     assert run("deid", "reidentify", "NRP0000", env=env).returncode == 1
+    bad_where = run("reannotate", "--where", "pneumothorax >=", env=env)
+    assert bad_where.returncode == 2
+    assert "ends too early" in bad_where.stderr
