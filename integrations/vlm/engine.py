@@ -125,6 +125,8 @@ class VlmEngine:
         self.idefics = self.family == "idefics"
         # score the K questions packed in one row (block-diagonal mask) where the family takes a 4D mask
         self.packed_scoring = self.family in PACKED_FAMILIES
+        # Qwen2/2.5-VL M-RoPE: positions come from the model (rope_deltas), not from the attention mask
+        self.mrope = self.family in ("qwen2_vl", "qwen2_5_vl")
         self._image_states_key = (
             "perceiver_embeddings" if getattr(config, "use_resampler", False) else ("image_encoder_embeddings")
         )
@@ -263,6 +265,10 @@ class VlmEngine:
             t0 = time.perf_counter()
             probs = [self.p_yes_full(image, context, q, temperature=temperature) for q in questions]
             return probs, {"scoring_ms": (time.perf_counter() - t0) * 1000}
+        if self.packed_scoring:
+            return self.p_yes_shared_batch([(image, context, questions)], temperature=temperature)[0]
+        # IDEFICS: the image enters by cross-attention, so the questions run as a padded batch that carries
+        # the cached perceiver states and an image attention mask
         torch = self._torch
         timings: dict[str, float] = {}
         with self._lock, torch.inference_mode():
@@ -279,29 +285,18 @@ class VlmEngine:
             timings["vision_ms"] = self._vision_s * 1000
             timings["prefix_ms"] = (t_end - t_pre - self._vision_s) * 1000
             t1 = time.perf_counter()
-            if self.packed_scoring and not self.idefics:
-                probs = self._score_packed(pre, cache, [q + suffix_tpl for q in questions], temperature)
-                timings["scoring_ms"] = (time.perf_counter() - t1) * 1000
-                return probs, timings
-            k, p_len = len(questions), pre["input_ids"].shape[1]
+            k = len(questions)
             self.tokenizer.padding_side = "right"
             suf = self.tokenizer(
                 [q + suffix_tpl for q in questions], add_special_tokens=False, padding=True, return_tensors="pt"
             ).to(self.device)
             cache.batch_repeat_interleave(k)
             attn = torch.cat([pre["attention_mask"].repeat(k, 1), suf["attention_mask"]], dim=1)
-            extra: dict[str, Any] = {}
-            if self.idefics:  # cross-attention: the suffix sees the image through its cached states
-                extra[self._image_states_key] = out.image_hidden_states.repeat_interleave(k, 0)
-                n_images = pre["image_attention_mask"].shape[2]
-                extra["image_attention_mask"] = pre["image_attention_mask"].new_ones(
-                    (k, suf["input_ids"].shape[1], n_images)
-                )
-            deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
-            if deltas is not None:  # Qwen2/2.5-VL M-RoPE: positions after the image = cache position + delta
-                s_len = suf["input_ids"].shape[1]
-                pos = torch.arange(p_len, p_len + s_len, device=self.device) + deltas.to(self.device).view(-1, 1)
-                extra["position_ids"] = pos.view(1, 1, s_len).expand(3, k, s_len)
+            n_images = pre["image_attention_mask"].shape[2]
+            extra: dict[str, Any] = {
+                self._image_states_key: out.image_hidden_states.repeat_interleave(k, 0),
+                "image_attention_mask": pre["image_attention_mask"].new_ones((k, suf["input_ids"].shape[1], n_images)),
+            }
             # only each row's last real token needs the LM head: keep the (few) distinct last positions
             # instead of projecting K × S hidden states onto the whole vocabulary
             last = suf["attention_mask"].sum(1) - 1
@@ -322,11 +317,21 @@ class VlmEngine:
     def p_yes_shared_batch(
         self, items: Sequence[tuple[Any, str, Sequence[str]]], *, temperature: float = 1.0
     ) -> list[tuple[list[float], dict[str, float]]]:
-        """P(yes) for the questions of several images in two forwards: the N image + context prefixes in
-        one left-padded batch, then each image's questions packed in its own row after its prefix.
-        Families without packed scoring (and a single image) go one image at a time."""
-        if len(items) < 2 or not self.packed_scoring or self.idefics:
+        """P(yes) for the questions of one or more images in two forwards: the N image + context prefixes
+        in one left-padded batch, then each image's questions packed in its own row after its prefix.
+        Families without packed scoring go one image at a time."""
+        if not self.packed_scoring:
             return [self.p_yes_shared(im, ctx, qs, temperature=temperature) for im, ctx, qs in items]
+        results: list[tuple[list[float], dict[str, float]]] = [([], {}) for _ in items]
+        asked = [i for i, (_, _, qs) in enumerate(items) if qs]
+        if asked:
+            for i, result in zip(asked, self._p_yes_packed([items[i] for i in asked], temperature), strict=True):
+                results[i] = result
+        return results
+
+    def _p_yes_packed(
+        self, items: Sequence[tuple[Any, str, Sequence[str]]], temperature: float
+    ) -> list[tuple[list[float], dict[str, float]]]:
         torch = self._torch
         with self._lock, torch.inference_mode():
             t0 = time.perf_counter()
@@ -336,7 +341,7 @@ class VlmEngine:
             self._vision_s = 0.0
             mask2d = pre["attention_mask"]
             extra: dict[str, Any] = {}
-            if getattr(getattr(self.model, "model", None), "rope_deltas", None) is None and "qwen" not in self.family:
+            if not self.mrope:
                 extra["position_ids"] = (mask2d.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
             out = self.model(**pre, use_cache=True, logits_to_keep=1, **extra)
             t_end = time.perf_counter()
@@ -359,8 +364,11 @@ class VlmEngine:
     def _score_packed_rows(
         self, prefix_mask: Any, cache: Any, rows: list[list[list[int]]], temperature: float
     ) -> list[list[float]]:
-        """Each row's questions packed after its (left-padded) cached prefix; rows padded to one length,
-        pad tokens attending only to themselves so every value stays finite."""
+        """Each row's questions packed after its (left-padded) cached prefix: no padding between questions
+        and no K-fold copy of the cache. A block-diagonal 4D mask lets each question see the prefix and its
+        own earlier tokens only, and its positions restart after the prefix, so each answer is exactly what
+        a separate continuation would give (checked against a full forward for every family). Rows are
+        padded to one length, pad tokens attending only to themselves so every value stays finite."""
         torch = self._torch
         n, p_len = prefix_mask.shape
         lengths = [[len(q) for q in r] for r in rows]
@@ -390,10 +398,10 @@ class VlmEngine:
             lasts.append(row_last)
         mask = torch.zeros((n, 1, total, p_len + total), dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed.view(n, 1, total, p_len + total), torch.finfo(self.dtype).min)
-        deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
         pos: Any = positions
-        if deltas is not None:  # Qwen2/2.5-VL M-RoPE: text positions after the image carry each row's delta
-            pos = (positions + deltas.to(self.device).view(-1, 1)).view(1, n, total).expand(3, n, total)
+        if self.mrope:  # text positions after the image carry each row's delta
+            deltas = self.model.model.rope_deltas.to(self.device).view(-1, 1)
+            pos = (positions + deltas).view(1, n, total).expand(3, n, total)
         keep = torch.unique(torch.tensor([i for row in lasts for i in row], device=self.device))
         out = self.model(
             input_ids=ids,
@@ -409,40 +417,6 @@ class VlmEngine:
             )
             for b in range(n)
         ]
-
-    def _score_packed(self, pre: Any, cache: Any, suffixes: list[str], temperature: float) -> list[float]:
-        """All K question continuations in ONE row after the cached prefix: no padding and no K-fold copy
-        of the cache. A block-diagonal 4D mask lets each question see the prefix and its own earlier
-        tokens only, and its positions restart after the prefix, so each answer is exactly what a
-        separate continuation would give (checked against a full forward for every family)."""
-        torch = self._torch
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in suffixes]
-        p_len = pre["input_ids"].shape[1]
-        lengths = torch.tensor([len(x) for x in ids], device=self.device)
-        total = int(lengths.sum())
-        packed = torch.tensor([t for x in ids for t in x], device=self.device).view(1, total)
-        owner = torch.repeat_interleave(torch.arange(len(ids), device=self.device), lengths)
-        starts = torch.cumsum(lengths, 0) - lengths
-        offset = torch.arange(total, device=self.device) - starts[owner]  # position within its question
-        own = (owner.view(-1, 1) == owner.view(1, -1)) & (offset.view(1, -1) <= offset.view(-1, 1))
-        prefix_ok = pre["attention_mask"].to(self.device).bool().view(1, p_len).expand(total, p_len)
-        allowed = torch.cat([prefix_ok, own], dim=1)
-        mask = torch.zeros((1, 1, total, p_len + total), dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~allowed.view(1, 1, total, p_len + total), torch.finfo(self.dtype).min)
-        positions = (p_len + offset).view(1, total)
-        deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
-        if deltas is not None:  # Qwen2/2.5-VL M-RoPE: text positions after the image carry the delta
-            positions = (positions + deltas.to(self.device).view(-1, 1)).view(1, 1, total).expand(3, 1, total)
-        last = starts + lengths - 1
-        out = self.model(
-            input_ids=packed,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=last,
-        )
-        return self._p_yes(out.logits[0], temperature)
 
     def p_yes_full(self, image: Any, context: str, question: str, *, temperature: float = 1.0) -> float:
         """The same probability from one full forward without a cache (the reference for P2)."""
