@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from pydicom import Dataset
 
 from db import repository as repo
 from db.models import Image, ModelVersion, Study, StudyStatus, utcnow
@@ -31,7 +32,7 @@ from integrations.errors import (
     RetrievalIncomplete,
     TransientError,
 )
-from integrations.imaging import InstanceInfo, read_instance_info, render, window_key
+from integrations.imaging import InstanceInfo, read_dataset, read_instance_info, render, window_key
 from integrations.pacs import uid_hash
 from integrations.ports import AnnotationRequest, ImageContext, Question, RetrievedStudy
 
@@ -107,11 +108,14 @@ def render_study(rt: Runtime, study_id: int, retrieved: RetrievedStudy, run_id: 
             if info.modality == "CT"
             else [[]]
         )
+        dataset: Dataset | None = None  # read and decoded once for all its frames and windows
         for frame in decision.frames:
             ref = f"sop:{uid_hash(info.sop_instance_uid)}:f{frame}"
             try:
+                if dataset is None:
+                    dataset = read_dataset(info.path)
                 for windows in window_sets:
-                    image_ids.append(_render_one(rt, study_id, decision, frame, windows, max_edge))
+                    image_ids.append(_render_one(rt, study_id, decision, dataset, frame, windows, max_edge))
                 with session_scope(rt.engine) as session:
                     repo.resolve_failures(session=session, stage="render", object_ref=ref)
                 counts["rendered"] += 1
@@ -150,10 +154,16 @@ def _keep_identity(rt: Runtime, study_id: int, retrieved: RetrievedStudy) -> Non
 
 
 def _render_one(
-    rt: Runtime, study_id: int, decision: Decision, frame: int, windows: list[tuple[float, float]], max_edge: int
+    rt: Runtime,
+    study_id: int,
+    decision: Decision,
+    dataset: Dataset,
+    frame: int,
+    windows: list[tuple[float, float]],
+    max_edge: int,
 ) -> int:
     info = decision.info
-    rendered = render(info.path, frame=frame, max_long_edge=max_edge, ct_windows=windows)
+    rendered = render(dataset, frame=frame, max_long_edge=max_edge, ct_windows=windows)
     key = object_key(
         study_uid=info.study_instance_uid,
         sop_uid=info.sop_instance_uid,

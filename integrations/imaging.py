@@ -284,6 +284,15 @@ def frame_view(ds: Dataset, frame: int, steps: list[str]) -> Dataset:
     return view
 
 
+def read_dataset(path: Path) -> Dataset:
+    """A whole instance, pixels included; DecodeError (no PHI) when it is not DICOM. Pass the result
+    to `render` to render several frames or windows of one file with one read and one decode."""
+    try:
+        return dcmread(path, force=True)
+    except Exception as exc:
+        raise DecodeError(f"file could not be parsed as DICOM ({type(exc).__name__})") from exc
+
+
 def render(
     source: Path | Dataset,
     *,
@@ -298,10 +307,7 @@ def render(
     if len(ct_windows) not in (0, 1, 3):
         raise ValueError("ct_windows takes one (center, width) pair, or three (one per colour channel)")
     steps: list[str] = []
-    try:
-        ds = source if isinstance(source, Dataset) else dcmread(source, force=True)
-    except Exception as exc:
-        raise DecodeError(f"file could not be parsed as DICOM ({type(exc).__name__})") from exc
+    ds = source if isinstance(source, Dataset) else read_dataset(source)
     if "PixelData" not in ds:
         raise DecodeError("the instance has no Pixel Data element")
     file_meta = getattr(ds, "file_meta", None)
