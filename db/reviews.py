@@ -213,12 +213,14 @@ def queue_counts(*, session: Session) -> dict[str, int]:
     }
 
 
-def next_in_queue(
-    *, session: Session, flt: QueueFilter, order: Order, critical_ids: Sequence[str], after: int
-) -> int | None:
-    """The finding that follows `after` in the queue (or its first one when `after` left it)."""
+def queue_ids(*, session: Session, flt: QueueFilter, order: Order, critical_ids: Sequence[str]) -> list[int]:
+    """The queue's finding ids in order (its first 1000)."""
     items, _ = queue(session=session, flt=flt, order=order, critical_ids=critical_ids, limit=1000)
-    ids = [i.finding_id for i in items]
+    return [i.finding_id for i in items]
+
+
+def next_after(ids: Sequence[int], after: int) -> int | None:
+    """The finding that follows `after` in a queue (or its first one when `after` left it)."""
     if after in ids:
         index = ids.index(after)
         return ids[index + 1] if index + 1 < len(ids) else None

@@ -273,18 +273,26 @@ def create_app(*, engine: Engine, store: ObjectStore, config: ReviewConfig) -> F
             "history": reviews.history(session=session, finding_ids=[f.id for f in findings if f.id is not None]),
         }
 
-    def next_url(session: Session, params: Mapping[str, str], after: int | None) -> str:
+    def queue_url(qs: str) -> str:
+        return "/" + (f"?{qs}" if qs else "")
+
+    def study_url(session: Session, finding_id: int | None, qs: str) -> str:
+        """The study view focused on a finding, or the queue when there is none."""
+        finding = session.get(Finding, finding_id) if finding_id is not None else None
+        if finding is None:
+            return queue_url(qs)
+        return f"/studies/{finding.study_id}?finding={finding.id}" + (f"&{qs}" if qs else "")
+
+    def ordered_ids(session: Session, params: Mapping[str, str]) -> list[int]:
         flt, order = _queue_filter(params)
+        return reviews.queue_ids(session=session, flt=flt, order=order, critical_ids=config.critical_ids)
+
+    def next_url(session: Session, params: Mapping[str, str], after: int | None) -> str:
+        """Where `n` goes from the finding `after`: the next one in the queue."""
         qs = _queue_query_string(params)
-        nxt_id = (
-            reviews.next_in_queue(session=session, flt=flt, order=order, critical_ids=config.critical_ids, after=after)
-            if after is not None
-            else None
-        )
-        nxt = session.get(Finding, nxt_id) if nxt_id is not None else None
-        if nxt is None:
-            return "/" + (f"?{qs}" if qs else "")
-        return f"/studies/{nxt.study_id}?finding={nxt.id}" + (f"&{qs}" if qs else "")
+        if after is None:
+            return queue_url(qs)
+        return study_url(session, reviews.next_after(ordered_ids(session, params), after), qs)
 
     @app.get("/studies/{study_id}", response_class=HTMLResponse, include_in_schema=False)
     def study_page(
@@ -331,7 +339,7 @@ def create_app(*, engine: Engine, store: ObjectStore, config: ReviewConfig) -> F
         from urllib.parse import parse_qsl
 
         params = dict(parse_qsl(queue))
-        flt, order = _queue_filter(params)
+        _queue_filter(params)  # validate before deciding
         try:
             reviews.decide(
                 session=session,
@@ -346,26 +354,17 @@ def create_app(*, engine: Engine, store: ObjectStore, config: ReviewConfig) -> F
             raise HTTPException(403, str(exc)) from None
         except reviews.ReviewError as exc:
             raise HTTPException(422, str(exc)) from None
-        finding = session.get(Finding, finding_id)
-        assert finding is not None
-        if decision == Decision.COMMENT:  # stay on the item
-            next_id: int | None = finding_id
-        else:
-            next_id = reviews.next_in_queue(
-                session=session, flt=flt, order=order, critical_ids=config.critical_ids, after=finding_id
-            )
+        ids = ordered_ids(session, params)  # the queue after this decision
+        next_id = finding_id if decision == Decision.COMMENT else reviews.next_after(ids, finding_id)
         qs = _queue_query_string(params)
-        if next_id is None:
-            url = "/" + (f"?{qs}" if qs else "")
-            if request.headers.get("hx-request"):
-                response = render(request, "_done.html", user, qs=qs)
-                response.headers["HX-Push-Url"] = url
-                return response
+        url = study_url(session, next_id, qs)
+        if not request.headers.get("hx-request"):
             return RedirectResponse(url, status_code=303)
-        nxt = session.get(Finding, next_id)
-        assert nxt is not None
-        url = f"/studies/{nxt.study_id}?finding={next_id}" + (f"&{qs}" if qs else "")
-        if request.headers.get("hx-request"):
+        if next_id is None:
+            response = render(request, "_done.html", user, qs=qs)
+        else:
+            nxt = session.get(Finding, next_id)
+            assert nxt is not None
             response = render(
                 request,
                 "_study.html",
@@ -374,11 +373,10 @@ def create_app(*, engine: Engine, store: ObjectStore, config: ReviewConfig) -> F
                 current=next_id,
                 qs=qs,
                 texts=texts,
-                next_url=next_url(session, params, next_id),
+                next_url=study_url(session, reviews.next_after(ids, next_id), qs),
             )
-            response.headers["HX-Push-Url"] = url
-            return response
-        return RedirectResponse(url, status_code=303)
+        response.headers["HX-Push-Url"] = url
+        return response
 
     # --- the API -------------------------------------------------------------------------------------
     @app.post("/api/token", tags=["auth"], summary="A bearer token for the API")
