@@ -755,13 +755,13 @@ def build_review_app(settings: NightreadSettings) -> Any:
     """The review app wired to the configured database, object store and question bank."""
     from flows.questions import load_bank
     from flows.runtime import build_store
+    from integrations.secrets import load_secret
     from review.app import ReviewConfig, create_app
-    from review.auth import load_secret
 
     r = settings.review
     bank = load_bank(settings.questions_file)
     config = ReviewConfig(
-        secret=load_secret(r.secret_key.get_secret_value(), settings.data_dir),
+        secret=load_secret(r.secret_key.get_secret_value(), settings.data_dir, "review-secret"),
         secure_cookies=r.secure_cookies,
         session_max_age_s=r.session_max_age_s,
         token_ttl_s=r.token_ttl_s,

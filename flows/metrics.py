@@ -152,10 +152,8 @@ def _key(image: str, question: str | None) -> tuple[str, str]:
 def score(examples: Sequence[Example], predictions: Sequence[Prediction]) -> dict[str, Any]:
     """Every metric overall, per modality and per question. Examples without a prediction count as
     wrong (and are counted in `missing`)."""
-    by_key = {_key(p.image, p.question): p for p in predictions}
     groups: dict[str, list[tuple[Example, Prediction | None]]] = defaultdict(list)
-    for ex in examples:
-        pred = by_key.get(_key(ex.image, ex.question))
+    for ex, pred in _matched(examples, predictions):
         groups["overall"].append((ex, pred))
         groups[f"modality:{ex.modality}"].append((ex, pred))
         if ex.question is not None:
@@ -175,12 +173,7 @@ def _metrics(items: Sequence[tuple[Example, Prediction | None]]) -> dict[str, An
     open_ = [(e, p) for e, p in items if e.kind == "open"]
     captions = [(e, p) for e, p in items if e.kind == "caption"]
     correct = sum(1 for e, p in closed if p is not None and normalise_closed(p.answer) == normalise_closed(e.answer))
-    scored = [
-        (p.p_yes, 1 if normalise_closed(e.answer) == "yes" else 0)
-        for e, p in closed
-        if p is not None and p.p_yes is not None and normalise_closed(e.answer) is not None
-    ]
-    ps, ys = [s[0] for s in scored], [s[1] for s in scored]
+    ps, ys = _scored(closed)
     recall = [token_recall(e.answer, p.answer if p else "") for e, p in open_]
     f1 = [token_f1(e.answer, p.answer if p else "") for e, p in open_]
     return {
@@ -320,13 +313,22 @@ def write_predictions(path: Path, predictions: Iterable[Prediction]) -> None:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def closed_pairs(examples: Sequence[Example], predictions: Sequence[Prediction]) -> tuple[list[float], list[int]]:
+def _matched(examples: Sequence[Example], predictions: Sequence[Prediction]) -> list[tuple[Example, Prediction | None]]:
+    """Each example with its prediction (by image and question, case-insensitively), or None."""
     by_key = {_key(p.image, p.question): p for p in predictions}
+    return [(e, by_key.get(_key(e.image, e.question))) for e in examples]
+
+
+def _scored(items: Sequence[tuple[Example, Prediction | None]]) -> tuple[list[float], list[int]]:
+    """(P(yes), reference is yes) of the closed examples that have a yes/no reference and a P(yes)."""
     ps, ys = [], []
-    for e in examples:
-        p = by_key.get(_key(e.image, e.question))
+    for e, p in items:
         ref = normalise_closed(e.answer)
         if e.kind == "closed" and p is not None and p.p_yes is not None and ref is not None:
             ps.append(p.p_yes)
             ys.append(1 if ref == "yes" else 0)
     return ps, ys
+
+
+def closed_pairs(examples: Sequence[Example], predictions: Sequence[Prediction]) -> tuple[list[float], list[int]]:
+    return _scored(_matched(examples, predictions))

@@ -22,7 +22,7 @@ from sqlmodel import Session, col, select
 from db import reviews
 from db.models import Finding, Image, ModelVersion, ValidationRun, utcnow
 from db.session import session_scope
-from flows.annotate import ensure_model_version
+from flows.annotate import calibrate, ensure_model_version
 from flows.metrics import (
     METRICS,
     Example,
@@ -225,7 +225,7 @@ def validate(
         metrics = score(labeled.examples, predictions)
         ps, ys = closed_pairs(labeled.examples, predictions)
         temperature = fit_temperature(ps, ys) if ps else None
-        calibrated = [_scale(p, temperature) for p in ps] if temperature else ps
+        calibrated = [calibrate(p, temperature) for p in ps] if temperature else ps
         extra = {
             "temperature": temperature,
             "ece_calibrated": expected_calibration_error(calibrated, ys) if ps else None,
@@ -269,12 +269,6 @@ def validate(
         **extra,
         "report": str(report_path) if report_path else None,
     }
-
-
-def _scale(p: float, temperature: float) -> float:
-    from flows.annotate import calibrate
-
-    return calibrate(p, temperature)
 
 
 # --- the promotion gate ------------------------------------------------------------------------------

@@ -1,15 +1,12 @@
-"""Passwords (argon2id via pwdlib), signed bearer tokens, CSRF tokens, the secret that signs them."""
+"""Passwords (argon2id via pwdlib), signed bearer tokens, CSRF tokens."""
 
 from __future__ import annotations
 
 import hmac
 import secrets
-from pathlib import Path
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from pwdlib import PasswordHash
-
-from integrations.secrets import load_secret as _load_secret
 
 _hasher = PasswordHash.recommended()  # argon2id
 # a hash to verify against when the user does not exist, so timing does not tell names apart
@@ -31,11 +28,6 @@ def verify_password(password: str, password_hash: str | None) -> bool:
         return bool(_hasher.verify(password, password_hash))
     except Exception:  # a malformed stored hash is a failed login, not a server error
         return False
-
-
-def load_secret(configured: str, data_dir: Path) -> str:
-    """The configured secret, else a random one kept (mode 0600) in data_dir/review-secret."""
-    return _load_secret(configured, data_dir, "review-secret")
 
 
 class Tokens:
