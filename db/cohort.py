@@ -25,10 +25,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, exists, false, not_, or_, select
+from sqlalchemy import ColumnElement, and_, case, exists, false, not_, or_, select
 from sqlmodel import col
 
-from db.models import Decision, Finding, Image, Review, Study
+from db.models import Decision, Finding, Image, Study
+from db.reviews import latest_decisions
 
 Unit = Literal["study", "image"]
 OPS = (">=", "<=", "!=", ">", "<", "=")
@@ -84,6 +85,7 @@ class _Parser:
         self.tokens = tokenize(text)
         self.i = 0
         self.ctx = ctx
+        self.decided = latest_decisions()  # each finding's latest confirm/reject/correct (db.reviews)
 
     # --- token helpers -----------------------------------------------------------------------------
     def peek(self, offset: int = 0) -> Token | None:
@@ -200,7 +202,7 @@ class _Parser:
             )
         if value.kind == "word" and value.text.lower() in ("yes", "no") and op in ("=", "!="):
             answer = value.text.lower()
-            current = _current_answer()
+            current = current_answer(self.decided)
             cond = current == answer if op == "=" else current != answer
             return self.findings_exist(col(Finding.question_id) == name, cond)
         raise CohortSyntaxError(
@@ -221,7 +223,7 @@ class _Parser:
         state = state_tok.text.lower()
         if state not in STATES:
             raise CohortSyntaxError(f"unknown review state {state_tok.text!r}: use one of {', '.join(STATES)}")
-        decision = _latest_decision_of_finding()
+        decision = self.decided.c.decision
         if state == "pending":
             cond: ColumnElement[bool] = decision.is_(None)
         elif state == "reviewed":
@@ -258,7 +260,9 @@ class _Parser:
             scope.append(col(Finding.study_id) == Study.id)
         else:
             scope.append(col(Finding.image_id) == Image.id)
-        return exists(select(col(Finding.id)).where(and_(*scope)))
+        return exists(
+            select(col(Finding.id)).outerjoin(self.decided, self.decided.c.finding_id == Finding.id).where(and_(*scope))
+        )
 
     def images_exist(self, cond: ColumnElement[bool]) -> ColumnElement[bool]:
         if self.ctx.unit == "image":
@@ -278,30 +282,12 @@ def _compare(column: Any, op: str, value: Any) -> ColumnElement[bool]:
     return ops[op](column, value)
 
 
-def _latest_review(column: Any) -> Any:
-    """A column of a finding's latest confirm/reject/correct review row (correlated scalar subquery)."""
-    return (
-        select(column)
-        .where(col(Review.finding_id) == Finding.id, col(Review.decision) != Decision.COMMENT)
-        .order_by(col(Review.id).desc())
-        .limit(1)
-        .correlate(Finding)
-        .scalar_subquery()
-    )
-
-
-def _latest_decision_of_finding() -> Any:
-    return _latest_review(col(Review.decision))
-
-
-def _current_answer() -> Any:
-    """The answer after review: corrected → the correction; rejected → the other one; else the model's."""
-    from sqlalchemy import case
-
-    decision = _latest_decision_of_finding()
+def current_answer(decided: Any) -> Any:
+    """The answer after review (`decided`: db.reviews.latest_decisions(), joined to the finding):
+    corrected → the correction; rejected → the other one; else the model's."""
     return case(
-        (decision == Decision.CORRECT, _latest_review(col(Review.to_answer))),
-        (decision == Decision.REJECT, case((col(Finding.answer) == "yes", "no"), else_="yes")),
+        (decided.c.decision == Decision.CORRECT, decided.c.to_answer),
+        (decided.c.decision == Decision.REJECT, case((col(Finding.answer) == "yes", "no"), else_="yes")),
         else_=col(Finding.answer),
     )
 
@@ -357,8 +343,13 @@ def run_cohort(
     fscope: list[ColumnElement[bool]] = [key.in_(ids) if ids else false()]
     if model_version_id is not None:
         fscope.append(col(Finding.model_version_id) == model_version_id)
-    answer = _current_answer().label("current")
-    frows = session.execute(select(Finding, answer).where(and_(*fscope)).order_by(col(Finding.id))).all()
+    decided = latest_decisions()
+    frows = session.execute(
+        select(Finding, current_answer(decided).label("current"))
+        .outerjoin(decided, decided.c.finding_id == Finding.id)
+        .where(and_(*fscope))
+        .order_by(col(Finding.id))
+    ).all()
     per: dict[int, dict[str, Any]] = {i: {} for i in ids}
     questions: set[str] = set()
     mvs: set[int] = set()

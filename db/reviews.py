@@ -62,7 +62,7 @@ def disable_user(*, session: Session, name: str) -> AppUser:
 # --- review state ------------------------------------------------------------------------------------
 
 
-def _latest_decision() -> Any:
+def latest_decisions() -> Any:
     """finding_id -> the decision of its latest confirm/reject/correct review row (a subquery)."""
     latest = (
         select(Review.finding_id, func.max(Review.id).label("review_id"))
@@ -106,7 +106,7 @@ class QueueItem:
 
 
 def _queue_query(flt: QueueFilter, critical_ids: Sequence[str]) -> tuple[Select[Any], Any]:
-    decided = _latest_decision()
+    decided = latest_decisions()
     is_critical = case((col(Finding.question_id).in_(list(critical_ids) or [""]), 1), else_=0)
     query = (
         sa_select(
@@ -194,7 +194,7 @@ def queue(
 
 def queue_counts(*, session: Session) -> dict[str, int]:
     """Counts for the top of the queue: flagged findings, and closed findings by review state."""
-    decided = _latest_decision()
+    decided = latest_decisions()
     rows = session.exec(
         select(decided.c.decision, func.count())
         .select_from(Finding)
@@ -231,7 +231,7 @@ def finding_states(*, session: Session, finding_ids: Sequence[int]) -> dict[int,
     """finding id -> (review state, corrected answer)."""
     if not finding_ids:
         return {}
-    decided = _latest_decision()
+    decided = latest_decisions()
     rows = session.exec(
         select(decided.c.finding_id, decided.c.decision, decided.c.to_answer).where(
             decided.c.finding_id.in_(list(finding_ids))
@@ -338,7 +338,7 @@ def labels(*, session: Session) -> dict[int, str]:
     """Review decisions as labels for validation: finding id -> the answer a reviewer holds right.
     confirm: the model's answer; correct: the corrected one; reject: the other one (closed questions
     only: a rejected open answer says what is wrong, not what is right, and gives no label)."""
-    decided = _latest_decision()
+    decided = latest_decisions()
     rows = session.execute(
         sa_select(
             col(Finding.id), col(Finding.kind), col(Finding.answer), decided.c.decision, decided.c.to_answer
