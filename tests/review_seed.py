@@ -157,13 +157,14 @@ def seed(engine: Engine, store: ObjectStore, *, identities: bool = False) -> See
         return Seeded(study_ids=studies, finding_ids=findings, image_ids=images, model_version_id=mv.id)
 
 
-def seeded_database(folder: Any) -> tuple[Engine, Any, Seeded]:
-    """A migrated SQLite database and a local object store under `folder`, seeded; (engine, store, seeded)."""
+def seeded_database(folder: Any, url: str | None = None) -> tuple[Engine, Any, Seeded]:
+    """A migrated database (`url`, default a SQLite file under `folder`) and a local object store under
+    `folder`, seeded; (engine, store, seeded)."""
     from db.migrate import upgrade
     from db.session import make_engine
     from integrations.storage import LocalObjectStore
 
-    url = f"sqlite:///{folder / 'seeded.db'}"
+    url = url or f"sqlite:///{folder / 'seeded.db'}"
     upgrade(url)
     engine = make_engine(url)
     store = LocalObjectStore(folder / "objects")
