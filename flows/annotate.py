@@ -128,7 +128,9 @@ def render_study(rt: Runtime, study_id: int, retrieved: RetrievedStudy, run_id: 
                     )
                 logger.warning("study %d: instance %s not rendered: %s", study_id, ref, exc)
                 counts["failed"] += 1
-    return {"image_ids": image_ids, **counts}
+    # each readable instance's file, by SOP Instance UID (the SR reads its evidence headers from them)
+    sources = {info.sop_instance_uid: info.path for info in infos}
+    return {"image_ids": image_ids, "sources": sources, **counts}
 
 
 def _keep_identity(rt: Runtime, study_id: int, retrieved: RetrievedStudy) -> None:
@@ -324,14 +326,14 @@ def ensure_model_version(rt: Runtime) -> int:
 
 
 def _report(
-    rt: Runtime, study_id: int, model_version_id: int, retrieved: RetrievedStudy, run_id: int | None
+    rt: Runtime, study_id: int, model_version_id: int, sources: dict[str, Path], run_id: int | None
 ) -> dict[str, int]:
     """The study's SR (and its write-back). A failure here is recorded; the findings stay valid."""
     from flows.writeback import write_report
 
     ref = f"study:{study_id}:mv:{model_version_id}"
     try:
-        counts = write_report(rt, study_id, model_version_id, retrieved)
+        counts = write_report(rt, study_id, model_version_id, sources)
     except NightreadError as exc:
         with session_scope(rt.engine) as session:
             repo.record_failure(
@@ -379,6 +381,7 @@ def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, i
             counts["instances"] += len(retrieved.files)
             rendered = render_study(rt, study_id, retrieved, run_id)
         image_ids = rendered.pop("image_ids")
+        sources = rendered.pop("sources")
         counts.update(rendered)
         model_version_id = ensure_model_version(rt)
         counts.update(
@@ -386,7 +389,7 @@ def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, i
                 retries=flow_settings.retries, retry_delay_seconds=flow_settings.retry_delay_s
             )(rt, study_id, image_ids, model_version_id)
         )
-        counts.update(_report(rt, study_id, model_version_id, retrieved, run_id))
+        counts.update(_report(rt, study_id, model_version_id, sources, run_id))
         with session_scope(rt.engine) as session:
             study = repo.update_study(session=session, study_id=study_id, status=StudyStatus.DONE, last_error=None)
             repo.resolve_failures(session=session, stage="study", object_ref=f"study:{study_id}")

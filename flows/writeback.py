@@ -8,7 +8,9 @@ question bank version gives a new SR beside the old one."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -21,7 +23,7 @@ from db.models import ModelVersion, StructuredReport, Study, utcnow
 from db.session import session_scope
 from flows.runtime import Runtime
 from integrations.errors import ConfigurationError
-from integrations.ports import RetrievedStudy, WritableSource
+from integrations.ports import WritableSource
 from integrations.sr import SrAnswer, SrImage, SrProvenance, build_sr, nightread_version
 
 
@@ -30,21 +32,19 @@ def report_key(*, study_uid: str, sop_uid: str) -> str:
     return f"reports/{study}/{repo.pseudonym(sop_uid, namespace='sop')[:20]}.dcm"
 
 
-def _headers(retrieved: RetrievedStudy, wanted: set[str]) -> dict[str, Any]:
+def _headers(sources: Mapping[str, Path], wanted: set[str]) -> dict[str, Any]:
+    """The headers (no pixels) of the wanted instances, read from the files they came in."""
     out: dict[str, Any] = {}
-    for path in retrieved.files:
+    for uid in sorted(wanted & set(sources)):
         try:
-            ds = dcmread(path, stop_before_pixels=True, force=True)
+            out[uid] = dcmread(sources[uid], stop_before_pixels=True, force=True)
         except Exception:  # unreadable files already have their failure row from rendering
             continue
-        uid = str(ds.get("SOPInstanceUID", ""))
-        if uid in wanted and uid not in out:
-            out[uid] = ds
     return out
 
 
 @task(name="write-report", cache_policy=NO_CACHE)
-def write_report(rt: Runtime, study_id: int, model_version_id: int, retrieved: RetrievedStudy) -> dict[str, int]:
+def write_report(rt: Runtime, study_id: int, model_version_id: int, sources: Mapping[str, Path]) -> dict[str, int]:
     """Build (or find) the study's SR for this model and bank version; send it if asked to."""
     logger = get_run_logger()
     bank = rt.bank
@@ -89,7 +89,7 @@ def write_report(rt: Runtime, study_id: int, model_version_id: int, retrieved: R
             )
     if not grouped:
         return {}
-    headers = _headers(retrieved, {sop for sop, _ in grouped})
+    headers = _headers(sources, {sop for sop, _ in grouped})
     images = [
         SrImage(
             sop_class_uid=str(headers[sop].SOPClassUID),
