@@ -40,6 +40,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom import sop_class as sc
 
+from integrations import dimse_get
 from integrations.errors import PeerRefused, RetrievalIncomplete, TransientError
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
 from integrations.query import int_of, series_ref, studies_since, study_ref, text_of
@@ -184,9 +185,14 @@ def _status_error(operation: str, status: Dataset, called_ae: str, calling_ae: s
     return PeerRefused(f"{operation} failed with status 0x{code:04X} from PACS {called_ae}")
 
 
+def _file_name(sop_uid: str) -> str:
+    """A received instance's file name: no UIDs in it."""
+    return f"{uid_hash(sop_uid)}.dcm"
+
+
 def _write_instance(event: Any, folder: Path, sop_uid: str) -> int:
     """File one received instance as it was encoded, under a name without UIDs."""
-    with (folder / f"{uid_hash(sop_uid)}.dcm").open("wb") as fh:
+    with (folder / _file_name(sop_uid)).open("wb") as fh:
         fh.write(event.encoded_dataset())
     return 0x0000
 
@@ -265,9 +271,13 @@ class DimseStudySource:
         move_port: int = 0,
         timeout_s: float = 30.0,
         parallel: int = 1,
+        cget_receiver: str = "direct",
     ) -> None:
         if retrieve not in ("get", "move"):
             raise ValueError(f'retrieve must be "get" or "move", not {retrieve!r}')
+        if cget_receiver not in ("direct", "pynetdicom"):
+            raise ValueError(f'cget_receiver must be "direct" or "pynetdicom", not {cget_receiver!r}')
+        self.cget_receiver = cget_receiver
         self.name = name
         self.host, self.port = host, port
         self.called_ae, self.calling_ae = called_ae, calling_ae
@@ -313,6 +323,7 @@ class DimseStudySource:
             "called_ae": self.called_ae,
             "calling_ae": self.calling_ae,
             "timeout_s": self.timeout_s,
+            "cget_receiver": self.cget_receiver,
         }
 
     def _ae(self) -> AE:
@@ -460,6 +471,21 @@ class DimseStudySource:
         raise _status_error(operation, final, self.called_ae, self.calling_ae)
 
     def _c_get(self, identifier: Dataset, *, dest: Path) -> None:
+        if self.cget_receiver == "direct":
+            final = dimse_get.c_get(
+                host=self.host,
+                port=self.port,
+                called_ae=self.called_ae,
+                calling_ae=self.calling_ae,
+                identifier=identifier,
+                dest=dest,
+                file_name=_file_name,
+                storage_classes=RETRIEVE_STORAGE_CLASSES,
+                transfer_syntaxes=TRANSFER_SYNTAXES,
+                timeout_s=self.timeout_s,
+            )
+            self._check_final("C-GET", final)
+            return
         ae = self._ae()
         ae.add_requested_context(sc.StudyRootQueryRetrieveInformationModelGet)
         roles = []

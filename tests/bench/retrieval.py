@@ -130,6 +130,7 @@ def main() -> None:
         with (
             DimseStudySource(name="get", retrieve="get", **dimse) as get_src,
             DimseStudySource(name="get2", retrieve="get", parallel=2, **dimse) as get2_src,
+            DimseStudySource(name="getp", retrieve="get", cget_receiver="pynetdicom", **dimse) as getp_src,
             DimseStudySource(name="move", retrieve="move", move_port=orthanc.nightread_port, **dimse) as move_src,
             DicomWebStudySource(name="web", url=f"{orthanc.url}/dicom-web") as web_src,
         ):
@@ -137,6 +138,7 @@ def main() -> None:
                 "getscu (dcmtk)": lambda study, d: getscu(orthanc, study, d),
                 "nightread C-GET": lambda study, d: get_src.retrieve_study(study, dest=d),
                 "nightread C-GET x2": lambda study, d: get2_src.retrieve_study(study, dest=d),
+                "C-GET via pynetdicom": lambda study, d: getp_src.retrieve_study(study, dest=d),
                 "nightread C-MOVE": lambda study, d: move_src.retrieve_study(study, dest=d),
                 "nightread WADO-RS": lambda study, d: web_src.retrieve_study(study, dest=d),
             }
