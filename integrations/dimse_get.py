@@ -119,6 +119,19 @@ def _store_response(*, message_id: int, sop_class: str, sop_instance: str, statu
     return _implicit(0x0000, struct.pack("<I", len(body))) + body
 
 
+def _pdata(context_id: int, control: int, data: bytes) -> bytes:
+    """A P-DATA-TF PDU with one PDV (control: bit 0 command, bit 1 last fragment)."""
+    return b"".join(
+        (
+            bytes([_P_DATA, 0]),
+            (len(data) + 6).to_bytes(4, "big"),
+            (len(data) + 2).to_bytes(4, "big"),
+            bytes([context_id, control]),
+            data,
+        )
+    )
+
+
 def _explicit(tag_element: int, vr: bytes, value: bytes) -> bytes:
     if vr == b"OB":
         return struct.pack("<HH2sHI", 0x0002, tag_element, vr, 0, len(value)) + value
@@ -227,8 +240,12 @@ class _Association:
             header = self.reader.read(6)
             length = int.from_bytes(header[2:6], "big") if len(header) == 6 else 0
             body = self.reader.read(length) if length else b""
-        except OSError as exc:  # includes the socket timeout
-            raise TransientError(f"no answer from PACS {self.called_ae} at {self.where}: {exc}") from exc
+        except TimeoutError as exc:
+            raise TransientError(
+                f"no answer from PACS {self.called_ae} at {self.where} within {self.sock.gettimeout()} s"
+            ) from exc
+        except OSError as exc:
+            raise TransientError(f"connection to PACS {self.called_ae} at {self.where} lost: {exc}") from exc
         if len(header) < 6 or len(body) < length:
             raise TransientError(f"PACS {self.called_ae} at {self.where} closed the connection")
         return header[0], body
@@ -464,14 +481,7 @@ class _Receiver:
             sop_instance=incoming.sop_instance,
             status=status,
         )
-        pdv = len(command) + 2
-        self.assoc.send(
-            bytes([_P_DATA, 0])
-            + (pdv + 4).to_bytes(4, "big")
-            + pdv.to_bytes(4, "big")
-            + bytes([incoming.context_id, 0x03])
-            + command
-        )
+        self.assoc.send(_pdata(incoming.context_id, 0x03, command))
 
     def _unexpected(self, pdu_type: int) -> Exception:
         where = f"PACS {self.assoc.called_ae} at {self.assoc.where}"

@@ -81,6 +81,30 @@ def test_retrieve_a_ct_study(orthanc, tmp_path, route):
     assert ds.pixel_array.shape == (256, 256) or ds.ImageType[2] == "LOCALIZER"
 
 
+def test_both_c_get_receivers_file_the_same_bytes(orthanc, tmp_path):
+    """nightread's one-thread C-GET receiver against pynetdicom's, from a PACS nobody here wrote."""
+    files = {}
+    for receiver in ("direct", "pynetdicom"):
+        with dimse(orthanc, cget_receiver=receiver) as src:
+            ct = next(r for r in src.find_studies(since=SINCE) if r.modalities == ("CT",))
+            got = src.retrieve_study(ct.study_instance_uid, dest=tmp_path / receiver, expected=ct.number_of_instances)
+        files[receiver] = {p.name: p.read_bytes() for p in got.files}
+    assert len(files["direct"]) == 33
+    assert files["direct"] == files["pynetdicom"]
+    assert not list((tmp_path / "direct").glob("*.part"))
+
+
+def test_undeclared_ae_title_retrieving_gets_a_clear_error(orthanc, tmp_path):
+    with dimse(orthanc) as src:
+        ref = src.find_studies(since=SINCE)[0]
+    with (
+        dimse(orthanc, calling_ae="STRANGER") as src,
+        pytest.raises(PeerRefused, match="not declared among their DICOM modalities"),
+    ):
+        src.retrieve_study(ref.study_instance_uid, dest=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_incomplete_retrieval_detected(orthanc, tmp_path):
     with dimse(orthanc) as src:
         ref = src.find_studies(since=SINCE)[0]
