@@ -57,7 +57,7 @@ def build_source(p: PacsSettings, *, inbox: Path) -> StudySource:
         retrieve=p.retrieve,
         move_port=p.move_port,
         parallel=p.parallel_associations,
-        cget_receiver=p.cget_receiver,
+        dimse_receiver=p.dimse_receiver,
         timeout_s=p.timeout_s,
     )
 

@@ -52,9 +52,9 @@ class PacsSettings(BaseModel):
     parallel_associations: int = Field(
         default=1, ge=1, le=16, description="split a study over this many C-GET/C-MOVE associations at once"
     )
-    cget_receiver: Literal["direct", "pynetdicom"] = Field(
+    dimse_receiver: Literal["direct", "pynetdicom"] = Field(
         default="direct",
-        description="C-GET: nightread's one-thread receiver (streams to disk) or pynetdicom's own",
+        description="C-GET/C-MOVE: nightread's receiver (one thread per association, streams to disk) or pynetdicom's",
     )
     timeout_s: float = Field(default=30.0, gt=0)
     modalities: list[str] = Field(default_factory=list, description="only studies with these modalities")

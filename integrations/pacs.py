@@ -11,7 +11,9 @@ import hashlib
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import types
 from collections.abc import Iterator, Sequence
@@ -21,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
@@ -40,7 +43,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom import sop_class as sc
 
-from integrations import dimse_get
+from integrations import dimse_stream
 from integrations.errors import PeerRefused, RetrievalIncomplete, TransientError
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
 from integrations.query import int_of, series_ref, studies_since, study_ref, text_of
@@ -249,6 +252,29 @@ class _StoreSink:
             return 0xA700  # not a study we asked for
         return _write_instance(event, folder, sop_uid)
 
+    def file(self, path: Path, sop_uid: str) -> int:
+        """For nightread's own storage SCP: a complete file in the staging folder goes into its study's
+        folder (read from its header), or is deleted if no retrieval under way asked for its study."""
+        try:
+            study_uid = str(dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+        except Exception:  # not a dataset pydicom can read: refuse it, do not crash the SCP
+            path.unlink(missing_ok=True)
+            log.warning("refused an instance whose dataset could not be parsed")
+            return 0xC210
+        with self._lock:
+            folder = self._folders.get(study_uid, (None, 0))[0]
+        if folder is None:
+            path.unlink(missing_ok=True)
+            self.rejected += 1
+            return 0xA700  # not a study we asked for
+        try:
+            shutil.move(path, folder / _file_name(sop_uid))  # a rename when both are on one file system
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            log.warning("could not file a received instance: %s", exc.strerror or type(exc).__name__)
+            return 0xA700
+        return 0x0000
+
 
 def _c_get_in_worker(config: dict[str, Any], identifier: Dataset, dest: str) -> None:
     """One C-GET in a worker process (module level, so a spawned process can import it)."""
@@ -271,13 +297,14 @@ class DimseStudySource:
         move_port: int = 0,
         timeout_s: float = 30.0,
         parallel: int = 1,
-        cget_receiver: str = "direct",
+        dimse_receiver: str = "direct",
     ) -> None:
         if retrieve not in ("get", "move"):
             raise ValueError(f'retrieve must be "get" or "move", not {retrieve!r}')
-        if cget_receiver not in ("direct", "pynetdicom"):
-            raise ValueError(f'cget_receiver must be "direct" or "pynetdicom", not {cget_receiver!r}')
-        self.cget_receiver = cget_receiver
+        if dimse_receiver not in ("direct", "pynetdicom"):
+            raise ValueError(f'dimse_receiver must be "direct" or "pynetdicom", not {dimse_receiver!r}')
+        self.dimse_receiver = dimse_receiver
+        self._staging: Path | None = None
         self.name = name
         self.host, self.port = host, port
         self.called_ae, self.calling_ae = called_ae, calling_ae
@@ -307,6 +334,9 @@ class DimseStudySource:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                self._staging = None
 
     def _process_pool(self) -> ProcessPoolExecutor:
         """Worker processes for parallel C-GET (started once, kept until close())."""
@@ -323,7 +353,7 @@ class DimseStudySource:
             "called_ae": self.called_ae,
             "calling_ae": self.calling_ae,
             "timeout_s": self.timeout_s,
-            "cget_receiver": self.cget_receiver,
+            "dimse_receiver": self.dimse_receiver,
         }
 
     def _ae(self) -> AE:
@@ -471,8 +501,8 @@ class DimseStudySource:
         raise _status_error(operation, final, self.called_ae, self.calling_ae)
 
     def _c_get(self, identifier: Dataset, *, dest: Path) -> None:
-        if self.cget_receiver == "direct":
-            final = dimse_get.c_get(
+        if self.dimse_receiver == "direct":
+            final = dimse_stream.c_get(
                 host=self.host,
                 port=self.port,
                 called_ae=self.called_ae,
@@ -506,11 +536,25 @@ class DimseStudySource:
         with self._server_lock:
             if self._move_server is not None:
                 return
+            host = "127.0.0.1" if self.host in ("127.0.0.1", "localhost") else "0.0.0.0"
+            if self.dimse_receiver == "direct":
+                self._staging = Path(tempfile.mkdtemp(prefix="nightread-move-"))
+                self._move_server = dimse_stream.StreamingStorageServer(
+                    ae_title=self.calling_ae,
+                    host=host,
+                    port=self._move_port,
+                    staging=self._staging,
+                    on_stored=self._sink.file,
+                    storage_classes=RETRIEVE_STORAGE_CLASSES,
+                    transfer_syntaxes=TRANSFER_SYNTAXES,
+                    timeout_s=self.timeout_s,
+                ).start()
+                return
             ae = self._ae()
             for sop_class in RETRIEVE_STORAGE_CLASSES:
                 ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
             self._move_server = ae.start_server(
-                ("127.0.0.1" if self.host in ("127.0.0.1", "localhost") else "0.0.0.0", self._move_port),
+                (host, self._move_port),
                 block=False,
                 evt_handlers=[
                     (evt.EVT_C_STORE, self._sink.handle),

@@ -85,7 +85,7 @@ def test_both_c_get_receivers_file_the_same_bytes(orthanc, tmp_path):
     """nightread's one-thread C-GET receiver against pynetdicom's, from a PACS nobody here wrote."""
     files = {}
     for receiver in ("direct", "pynetdicom"):
-        with dimse(orthanc, cget_receiver=receiver) as src:
+        with dimse(orthanc, dimse_receiver=receiver) as src:
             ct = next(r for r in src.find_studies(since=SINCE) if r.modalities == ("CT",))
             got = src.retrieve_study(ct.study_instance_uid, dest=tmp_path / receiver, expected=ct.number_of_instances)
         files[receiver] = {p.name: p.read_bytes() for p in got.files}

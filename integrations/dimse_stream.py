@@ -1,5 +1,6 @@
-"""C-GET on one thread: the association, the C-GET request and every C-STORE sub-operation handled on
-one blocking socket, each instance streamed to disk as its fragments arrive.
+"""DIMSE retrieval on one thread per association: C-GET (we ask, and receive the C-STORE sub-operations
+on the same association) and the storage SCP that C-MOVE sends to, each instance streamed to disk as
+its fragments arrive.
 
 pynetdicom hands every PDU from its reactor thread to a queue, then to the DIMSE thread, reassembles
 each instance in memory and only then calls the C-STORE handler, which answers through the same
@@ -11,8 +12,8 @@ path by hand: PDU header, PDV items, dataset fragments written straight into the
 Each instance is filed as the DICOM file pynetdicom's `Event.encoded_dataset()` would have written
 (preamble, File Meta Information from the request and the presentation context, the data set as
 sent), first under `<name>.part` and renamed when its last fragment is in, so a broken association
-never leaves a half file under a final name. `DimseStudySource(cget_receiver="pynetdicom")` keeps
-pynetdicom's own receiver for a PACS that this one cannot talk to.
+never leaves a half file under a final name. `DimseStudySource(dimse_receiver="pynetdicom")` keeps
+pynetdicom's own (`NIGHTREAD_PACS__DIMSE_RECEIVER=pynetdicom`) for a PACS this one cannot talk to.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import logging
 import os
 import socket
 import struct
+import threading
+import uuid
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from functools import lru_cache
@@ -41,6 +44,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
 )
+from pynetdicom.presentation import PresentationContext
 
 from integrations.errors import PeerRefused, TransientError
 
@@ -48,13 +52,15 @@ log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = UID("1.2.840.10008.3.1.1.1")
 STUDY_ROOT_GET = UID("1.2.840.10008.5.1.4.1.2.2.3")
+VERIFICATION = "1.2.840.10008.1.1"
 # the largest P-DATA-TF PDU we accept; the PACS fragments to this or to its own limit, whichever is less
 MAX_PDU = 1 << 20
 _READ_BUFFER = 1 << 20
 _WRITE_BUFFER = 1 << 20
 
 # PDU types (PS3.8 9.3.1)
-_ASSOCIATE_AC, _ASSOCIATE_RJ, _P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
+_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ, _P_DATA = 0x01, 0x02, 0x03, 0x04
+_RELEASE_RQ, _RELEASE_RP, _ABORT = 0x05, 0x06, 0x07
 _RELEASE_RQ_PDU = bytes([_RELEASE_RQ, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _RELEASE_RP_PDU = bytes([_RELEASE_RP, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _ABORT_PDU = bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # source: service user, no reason
@@ -70,7 +76,7 @@ _CANNOT_UNDERSTAND = 0xC000
 # Command set elements read on the bulk path (group 0000, always Implicit VR Little Endian: PS3.7 6.3.1)
 _AFFECTED_SOP_CLASS, _COMMAND_FIELD, _MESSAGE_ID, _MESSAGE_ID_RESPONDED = 0x0002, 0x0100, 0x0110, 0x0120
 _DATA_SET_TYPE, _STATUS, _AFFECTED_SOP_INSTANCE = 0x0800, 0x0900, 0x1000
-_C_STORE_RSP = 0x8001
+_C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x8001, 0x0030, 0x8030
 
 
 def _parse_command(encoded: bytes) -> dict[int, bytes]:
@@ -104,18 +110,19 @@ def _uid_bytes(uid: str) -> bytes:
     return value + b"\x00" if len(value) % 2 else value
 
 
-def _store_response(*, message_id: int, sop_class: str, sop_instance: str, status: int) -> bytes:
-    """An encoded C-STORE-RSP command set (PS3.7 9.3.1.2), the bytes pynetdicom's encoder would write."""
-    body = b"".join(
-        (
-            _implicit(_AFFECTED_SOP_CLASS, _uid_bytes(sop_class)),
-            _implicit(_COMMAND_FIELD, struct.pack("<H", _C_STORE_RSP)),
-            _implicit(_MESSAGE_ID_RESPONDED, struct.pack("<H", message_id)),
-            _implicit(_DATA_SET_TYPE, struct.pack("<H", _NO_DATASET)),
-            _implicit(_STATUS, struct.pack("<H", status)),
-            _implicit(_AFFECTED_SOP_INSTANCE, _uid_bytes(sop_instance)),
-        )
-    )
+def _response(command_field: int, *, message_id: int, sop_class: str, status: int, sop_instance: str = "") -> bytes:
+    """An encoded C-STORE-RSP or C-ECHO-RSP command set (PS3.7 9.3.1.2, 9.3.5.2), the bytes pynetdicom's
+    encoder writes."""
+    elements = [
+        _implicit(_AFFECTED_SOP_CLASS, _uid_bytes(sop_class)),
+        _implicit(_COMMAND_FIELD, struct.pack("<H", command_field)),
+        _implicit(_MESSAGE_ID_RESPONDED, struct.pack("<H", message_id)),
+        _implicit(_DATA_SET_TYPE, struct.pack("<H", _NO_DATASET)),
+        _implicit(_STATUS, struct.pack("<H", status)),
+    ]
+    if sop_instance:
+        elements.append(_implicit(_AFFECTED_SOP_INSTANCE, _uid_bytes(sop_instance)))
+    body = b"".join(elements)
     return _implicit(0x0000, struct.pack("<I", len(body))) + body
 
 
@@ -220,12 +227,13 @@ class _Incoming:
 
 
 class _Association:
-    """A requestor association on a plain socket; every call blocks on this thread."""
+    """An association on a plain socket, requested (C-GET) or accepted (storage SCP); every call blocks
+    on the calling thread. `peer` names the other side in errors: its AE title, never a patient."""
 
-    def __init__(self, sock: socket.socket, *, called_ae: str, where: str) -> None:
+    def __init__(self, sock: socket.socket, *, peer: str, where: str) -> None:
         self.sock = sock
         self.reader = sock.makefile("rb", buffering=_READ_BUFFER)
-        self.called_ae, self.where = called_ae, where
+        self.peer, self.where = peer, where
         self.max_send = 0  # the peer's maximum PDU length (0: unlimited)
         self.transfer_syntax: dict[int, str] = {}  # accepted context id -> transfer syntax
 
@@ -233,7 +241,7 @@ class _Association:
         try:
             self.sock.sendall(data)
         except OSError as exc:
-            raise TransientError(f"connection to PACS {self.called_ae} at {self.where} lost: {exc}") from exc
+            raise TransientError(f"connection to {self.peer} at {self.where} lost: {exc}") from exc
 
     def read_pdu(self) -> tuple[int, bytes]:
         try:
@@ -242,12 +250,12 @@ class _Association:
             body = self.reader.read(length) if length else b""
         except TimeoutError as exc:
             raise TransientError(
-                f"no answer from PACS {self.called_ae} at {self.where} within {self.sock.gettimeout()} s"
+                f"no answer from {self.peer} at {self.where} within {self.sock.gettimeout()} s"
             ) from exc
         except OSError as exc:
-            raise TransientError(f"connection to PACS {self.called_ae} at {self.where} lost: {exc}") from exc
+            raise TransientError(f"connection to {self.peer} at {self.where} lost: {exc}") from exc
         if len(header) < 6 or len(body) < length:
-            raise TransientError(f"PACS {self.called_ae} at {self.where} closed the connection")
+            raise TransientError(f"{self.peer} at {self.where} closed the connection")
         return header[0], body
 
     def send_message(self, message: Any, context_id: int) -> None:
@@ -256,19 +264,20 @@ class _Association:
             pdu.from_primitive(pdata)
             self.send(pdu.encode())
 
-    def negotiate(self, request: bytes, proposed: dict[int, str]) -> None:
+    def request(self, request: bytes, proposed: dict[int, str]) -> None:
+        """As requestor: send the A-ASSOCIATE-RQ, read the answer, keep the accepted contexts."""
         self.send(request)
         pdu_type, body = self.read_pdu()
         if pdu_type == _ASSOCIATE_RJ:
             result = body[1] if len(body) > 1 else 1
             if result == 0x02:
-                raise TransientError(f"PACS {self.called_ae} at {self.where} is busy (association rejected, transient)")
+                raise TransientError(f"{self.peer} at {self.where} is busy (association rejected, transient)")
             raise PeerRefused(
-                f"PACS {self.called_ae} at {self.where} rejected the association "
+                f"{self.peer} at {self.where} rejected the association "
                 f"(check the called AE title and that our AE title is known to it)"
             )
         if pdu_type != _ASSOCIATE_AC:
-            raise TransientError(f"cannot associate with PACS {self.called_ae} at {self.where} (no answer or aborted)")
+            raise TransientError(f"cannot associate with {self.peer} at {self.where} (no answer or aborted)")
         ac = A_ASSOCIATE_AC()
         ac.decode(bytes([pdu_type, 0]) + len(body).to_bytes(4, "big") + body)
         accepted = ac.to_primitive()
@@ -285,6 +294,52 @@ class _Association:
                 return
             if pdu_type == _RELEASE_RQ:  # release collision: answer it (PS3.8 7.2.2)
                 self.send(_RELEASE_RP_PDU)
+
+    def accept(self, *, ae_title: str, storage_classes: frozenset[str], transfer_syntaxes: Sequence[str]) -> str:
+        """As acceptor: read the A-ASSOCIATE-RQ and accept every storage context we file (the first
+        transfer syntax the requestor proposed that we know), plus Verification; the others are
+        rejected one by one, as pynetdicom's acceptor does. Returns the calling AE title."""
+        pdu_type, body = self.read_pdu()
+        if pdu_type != _ASSOCIATE_RQ:
+            raise TransientError(f"{self.peer} at {self.where} sent PDU type 0x{pdu_type:02X} instead of a request")
+        rq = A_ASSOCIATE_RQ()
+        rq.decode(bytes([pdu_type, 0]) + len(body).to_bytes(4, "big") + body)
+        request = rq.to_primitive()
+        self.peer = f"{str(request.calling_ae_title).strip()!r}"
+        self.max_send = int(getattr(request, "maximum_length_received", 0) or 0)
+        answer = A_ASSOCIATE()
+        answer.application_context_name = request.application_context_name
+        answer.calling_ae_title = request.calling_ae_title
+        answer.called_ae_title = ae_title
+        answer.result = 0x00
+        known = set(transfer_syntaxes)
+        for proposed in request.presentation_context_definition_list:
+            context = PresentationContext()
+            context.context_id = proposed.context_id
+            abstract = str(proposed.abstract_syntax)
+            syntax = next((str(ts) for ts in proposed.transfer_syntax if str(ts) in known), None)
+            if abstract == VERIFICATION:
+                syntax = next((str(ts) for ts in proposed.transfer_syntax if ts == ImplicitVRLittleEndian), syntax)
+            if abstract not in storage_classes and abstract != VERIFICATION:
+                context.result, syntax = 0x03, None  # abstract syntax not supported
+            elif syntax is None:
+                context.result = 0x04  # transfer syntaxes not supported
+            else:
+                context.result = 0x00
+                self.transfer_syntax[int(proposed.context_id)] = syntax
+            context.transfer_syntax = [UID(syntax or str(proposed.transfer_syntax[0]))]
+            answer.presentation_context_definition_results_list.append(context)
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = MAX_PDU
+        implementation = ImplementationClassUIDNotification()
+        implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+        answer.user_information = [max_length, implementation, version]
+        ac = A_ASSOCIATE_AC()
+        ac.from_primitive(answer)
+        self.send(ac.encode())
+        return str(request.calling_ae_title).strip()
 
     def abort(self) -> None:
         with suppress(OSError):
@@ -356,7 +411,7 @@ def c_get(
     except OSError as exc:
         raise TransientError(f"cannot connect to PACS {called_ae} at {where}: {exc}") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    assoc = _Association(sock, called_ae=called_ae, where=where)
+    assoc = _Association(sock, peer=f"PACS {called_ae}", where=where)
     receiver: _Receiver | None = None
     ok = False
     try:
@@ -366,7 +421,7 @@ def c_get(
             storage_classes=tuple(storage_classes),
             transfer_syntaxes=tuple(transfer_syntaxes),
         )
-        assoc.negotiate(request, proposed)
+        assoc.request(request, proposed)
         query_context = 1
         if query_context not in assoc.transfer_syntax:
             raise PeerRefused(f"PACS {called_ae} at {where} does not support Study Root C-GET")
@@ -384,7 +439,7 @@ def c_get(
         message.primitive_to_message(get)
         assoc.send_message(message, query_context)
 
-        receiver = _Receiver(assoc, dest=dest, file_name=file_name, calling_ae=calling_ae)
+        receiver = _Receiver(assoc, dest=dest, file_name=file_name, operation="C-GET", calling_ae=calling_ae)
         final = receiver.run()
         if not receiver.released:
             assoc.release()
@@ -399,13 +454,25 @@ def c_get(
 
 
 class _Receiver:
-    """The C-GET's answer stream: C-STORE sub-operations (each filed and acknowledged as soon as its last
-    fragment is in) and C-GET responses, until the final one."""
+    """What arrives on an association: C-STORE requests (each filed and acknowledged as soon as its last
+    fragment is in), C-ECHO requests, and on a C-GET its responses until the final one; on a storage
+    SCP association, until the requestor releases. `on_stored(path, sop_instance_uid)` moves a
+    complete file where it belongs and returns the C-STORE status (storage SCP)."""
 
-    def __init__(self, assoc: _Association, *, dest: Path, file_name: Callable[[str], str], calling_ae: str) -> None:
+    def __init__(
+        self,
+        assoc: _Association,
+        *,
+        dest: Path,
+        file_name: Callable[[str], str],
+        operation: str,
+        calling_ae: str = "",
+        on_stored: Callable[[Path, str], int] | None = None,
+    ) -> None:
         self.assoc = assoc
         self.dest, self.file_name = dest, file_name
-        self.calling_ae = calling_ae
+        self.operation, self.calling_ae = operation, calling_ae
+        self.on_stored = on_stored
         self.incoming: _Incoming | None = None
         self.final: Dataset | None = None
         self.final_has_dataset = False
@@ -463,19 +530,25 @@ class _Receiver:
                 self.incoming = incoming
             else:
                 self._answer(incoming)
-        elif field == _C_GET_RSP:
+        elif field == _C_ECHO_RQ:
+            command = _response(_C_ECHO_RSP, message_id=_us(cmd, _MESSAGE_ID), sop_class=VERIFICATION, status=0x0000)
+            self.assoc.send(_pdata(context_id, 0x03, command))
+        elif field == _C_GET_RSP and self.operation == "C-GET":
             if _us(cmd, _STATUS, _CANNOT_UNDERSTAND) not in _PENDING:
                 self.final = decode(BytesIO(encoded), True, True)  # a Dataset with the sub-operation counts
                 self.final_has_dataset = _us(cmd, _DATA_SET_TYPE, _NO_DATASET) != _NO_DATASET
         else:
             raise TransientError(
-                f"PACS {self.assoc.called_ae} at {self.assoc.where} sent DIMSE command 0x{field:04X} during C-GET"
+                f"{self.assoc.peer} at {self.assoc.where} sent DIMSE command 0x{field:04X} during {self.operation}"
             )
 
     def _answer(self, incoming: _Incoming) -> None:
         status = incoming.finish()
+        if status == 0x0000 and self.on_stored is not None:
+            status = self.on_stored(incoming.path, incoming.sop_instance)
         self.received += status == 0x0000
-        command = _store_response(
+        command = _response(
+            _C_STORE_RSP,
             message_id=incoming.message_id,
             sop_class=incoming.sop_class,
             sop_instance=incoming.sop_instance,
@@ -484,12 +557,109 @@ class _Receiver:
         self.assoc.send(_pdata(incoming.context_id, 0x03, command))
 
     def _unexpected(self, pdu_type: int) -> Exception:
-        where = f"PACS {self.assoc.called_ae} at {self.assoc.where}"
+        where = f"{self.assoc.peer} at {self.assoc.where}"
         if pdu_type != _ABORT:
-            return TransientError(f"{where} sent PDU type 0x{pdu_type:02X} during C-GET")
-        if self.received:
-            return TransientError(f"{where} aborted the association during C-GET after {self.received} instances")
+            return TransientError(f"{where} sent PDU type 0x{pdu_type:02X} during {self.operation}")
+        if self.received or self.operation != "C-GET":
+            return TransientError(
+                f"{where} aborted the association during {self.operation} after {self.received} instances"
+            )
         return PeerRefused(
             f"{where} aborted the association during C-GET without a status; PACS such as Orthanc do this "
             f"when the calling AE title {self.calling_ae!r} is not declared among their DICOM modalities"
         )
+
+
+class StreamingStorageServer:
+    """A storage SCP (the destination of our C-MOVEs): one thread accepts, one thread per association
+    receives, each instance streamed into `staging` and handed to `on_stored(path, sop_instance_uid)`,
+    which moves it where it belongs and returns the C-STORE status. Start with start(), stop with
+    shutdown(); `server_address` is the bound (host, port)."""
+
+    def __init__(
+        self,
+        *,
+        ae_title: str,
+        host: str,
+        port: int,
+        staging: Path,
+        on_stored: Callable[[Path, str], int],
+        storage_classes: Sequence[str],
+        transfer_syntaxes: Sequence[str],
+        timeout_s: float,
+    ) -> None:
+        self.ae_title = ae_title
+        self.staging = staging
+        self.on_stored = on_stored
+        self.storage_classes = frozenset(str(c) for c in storage_classes)
+        self.transfer_syntaxes = list(transfer_syntaxes)
+        self.timeout_s = timeout_s
+        self._listener = socket.create_server((host, port))
+        self.server_address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._stopping = threading.Event()
+        self._threads: set[threading.Thread] = set()
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._acceptor = threading.Thread(target=self._accept_loop, name="storage-scp", daemon=True)
+
+    def start(self) -> StreamingStorageServer:
+        self._acceptor.start()
+        return self
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:  # the listener was closed by shutdown()
+                return
+            thread = threading.Thread(target=self._serve, args=(sock,), name="storage-scp-assoc", daemon=True)
+            with self._lock:
+                self._threads.add(thread)
+                self._sockets.add(sock)
+            thread.start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        sock.settimeout(self.timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        host, port = sock.getpeername()[:2]
+        assoc = _Association(sock, peer="storage SCU", where=f"{host}:{port}")
+        receiver: _Receiver | None = None
+        try:
+            assoc.accept(
+                ae_title=self.ae_title, storage_classes=self.storage_classes, transfer_syntaxes=self.transfer_syntaxes
+            )
+            receiver = _Receiver(
+                assoc,
+                dest=self.staging,
+                file_name=lambda _sop: f"{uuid.uuid4().hex}.dcm",  # unique: two associations may send one SOP
+                operation="C-STORE",
+                on_stored=self.on_stored,
+            )
+            receiver.run()  # until the requestor releases
+        except TransientError as exc:  # lost, aborted or silent peer: what was filed stays filed
+            if not self._stopping.is_set():
+                log.warning("storage SCP association ended: %s", exc)
+                assoc.abort()
+        finally:
+            if receiver is not None and receiver.incoming is not None:
+                receiver.incoming.discard()
+            assoc.close()
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+                self._sockets.discard(sock)
+
+    def shutdown(self) -> None:
+        """Stop accepting, end the associations under way, and wait for their threads."""
+        self._stopping.set()
+        with suppress(OSError):  # wakes the accept() under way (closing alone does not, on Linux)
+            self._listener.shutdown(socket.SHUT_RDWR)
+        with suppress(OSError):
+            self._listener.close()
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        for sock in sockets:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in [self._acceptor, *threads]:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(timeout=self.timeout_s)

@@ -1,4 +1,4 @@
-"""nightread's one-thread C-GET receiver (integrations.dimse_get) against real pynetdicom SCPs on loopback,
+"""nightread's one-thread C-GET receiver (integrations.dimse_stream) against real pynetdicom SCPs on loopback,
 and against a scripted peer for the failures a real SCP will not produce on demand (a connection lost
 in the middle of an instance, a PACS that goes silent)."""
 
@@ -23,7 +23,7 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
-from integrations import dimse_get
+from integrations import dimse_stream
 from integrations.errors import PeerRefused, TransientError
 from integrations.pacs import RETRIEVE_STORAGE_CLASSES, TRANSFER_SYNTAXES, DimseStudySource, quiet_pynetdicom, uid_hash
 from integrations.sample_pacs import SamplePacs
@@ -33,7 +33,7 @@ WEEK_AGO = dt.datetime.combine(dt.date.today() - dt.timedelta(days=7), dt.time()
 
 def source(pacs: SamplePacs, receiver: str) -> DimseStudySource:
     return DimseStudySource(
-        name="t", host="127.0.0.1", port=pacs.port, called_ae=pacs.ae_title, timeout_s=10, cget_receiver=receiver
+        name="t", host="127.0.0.1", port=pacs.port, called_ae=pacs.ae_title, timeout_s=10, dimse_receiver=receiver
     )
 
 
@@ -58,7 +58,7 @@ def c_get(port: int, dest: Path, *, called_ae: str = "SAMPLEPACS", timeout_s: fl
         "timeout_s": timeout_s,
     }
     args.update(kw)
-    return dimse_get.c_get(**args)  # type: ignore[arg-type]
+    return dimse_stream.c_get(**args)  # type: ignore[arg-type]
 
 
 def test_both_receivers_file_the_same_bytes(sample_pacs, tmp_path):
@@ -198,8 +198,8 @@ class ScriptedPeer:
                 message.primitive_to_message(store)
                 command = encode(message.command_set, True, True)
                 store_context = 3 + 2 * RETRIEVE_STORAGE_CLASSES.index(sc.CTImageStorage)
-                conn.sendall(dimse_get._pdata(store_context, 0x03, command))
-                conn.sendall(dimse_get._pdata(store_context, 0x00, b"\x08\x00\x16\x00" + b"\x00" * 1000))
+                conn.sendall(dimse_stream._pdata(store_context, 0x03, command))
+                conn.sendall(dimse_stream._pdata(store_context, 0x00, b"\x08\x00\x16\x00" + b"\x00" * 1000))
             else:  # "silence": the PACS never answers the C-GET
                 self.done.wait(30)
 
