@@ -23,9 +23,9 @@ import os
 import socket
 import struct
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from functools import lru_cache
 from io import BytesIO
 from pathlib import Path
@@ -77,6 +77,7 @@ _CANNOT_UNDERSTAND = 0xC000
 _AFFECTED_SOP_CLASS, _COMMAND_FIELD, _MESSAGE_ID, _MESSAGE_ID_RESPONDED = 0x0002, 0x0100, 0x0110, 0x0120
 _DATA_SET_TYPE, _STATUS, _AFFECTED_SOP_INSTANCE = 0x0800, 0x0900, 0x1000
 _C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x8001, 0x0030, 0x8030
+_MOVE_ORIGINATOR_AE, _MOVE_ORIGINATOR_ID = 0x1030, 0x1031
 
 
 def _parse_command(encoded: bytes) -> dict[int, bytes]:
@@ -165,6 +166,24 @@ def _file_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> byt
     return b"\x00" * 128 + b"DICM" + _explicit(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
+@dataclass(frozen=True)
+class StoreRequest:
+    """What a C-STORE request says about the instance that follows (no patient data)."""
+
+    sop_class: str
+    sop_instance: str
+    move_originator_ae: str = ""  # set by a PACS sending on behalf of a C-MOVE
+    move_originator_id: int | None = None  # that C-MOVE's Message ID
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an instance is written; with `check`, the complete file goes to `on_stored` to be filed."""
+
+    path: Path
+    check: bool = False
+
+
 class _Incoming:
     """One instance being received: its file, opened on the C-STORE-RQ, closed on the last fragment.
     With `refuse` set, nothing is filed and that status is answered once the data set has arrived."""
@@ -172,25 +191,23 @@ class _Incoming:
     def __init__(
         self,
         *,
-        path: Path,
+        placement: Placement,
+        request: StoreRequest,
         message_id: int,
-        sop_class: str,
-        sop_instance: str,
         context_id: int,
         transfer_syntax: str,
         refuse: int | None = None,
     ) -> None:
-        self.path = path
-        self.part = path.with_name(path.name + ".part")
-        self.message_id, self.context_id = message_id, context_id
-        self.sop_class, self.sop_instance = sop_class, sop_instance
+        self.path, self.check = placement.path, placement.check
+        self.part = self.path.with_name(self.path.name + ".part")
+        self.request, self.message_id, self.context_id = request, message_id, context_id
         self.status = refuse
         self.fh: BinaryIO | None = None
         if refuse is not None:
             return
         try:
             self.fh = self.part.open("wb", buffering=_WRITE_BUFFER)
-            self.fh.write(_file_header(sop_class, sop_instance, transfer_syntax))
+            self.fh.write(_file_header(request.sop_class, request.sop_instance, transfer_syntax))
         except OSError as exc:  # a full or read-only disk: refuse the instance, keep the association
             self._fail(exc)
 
@@ -439,7 +456,12 @@ def c_get(
         message.primitive_to_message(get)
         assoc.send_message(message, query_context)
 
-        receiver = _Receiver(assoc, dest=dest, file_name=file_name, operation="C-GET", calling_ae=calling_ae)
+        receiver = _Receiver(
+            assoc,
+            place=lambda request: Placement(dest / file_name(request.sop_instance or "unknown")),
+            operation="C-GET",
+            calling_ae=calling_ae,
+        )
         final = receiver.run()
         if not receiver.released:
             assoc.release()
@@ -456,21 +478,21 @@ def c_get(
 class _Receiver:
     """What arrives on an association: C-STORE requests (each filed and acknowledged as soon as its last
     fragment is in), C-ECHO requests, and on a C-GET its responses until the final one; on a storage
-    SCP association, until the requestor releases. `on_stored(path, sop_instance_uid)` moves a
-    complete file where it belongs and returns the C-STORE status (storage SCP)."""
+    SCP association, until the requestor releases. `place(request)` says where an instance is written;
+    a placement with `check` goes, once complete, to `on_stored(path, request)`, which files it and
+    returns the C-STORE status."""
 
     def __init__(
         self,
         assoc: _Association,
         *,
-        dest: Path,
-        file_name: Callable[[str], str],
+        place: Callable[[StoreRequest], Placement],
         operation: str,
         calling_ae: str = "",
-        on_stored: Callable[[Path, str], int] | None = None,
+        on_stored: Callable[[Path, StoreRequest], int] | None = None,
     ) -> None:
         self.assoc = assoc
-        self.dest, self.file_name = dest, file_name
+        self.place = place
         self.operation, self.calling_ae = operation, calling_ae
         self.on_stored = on_stored
         self.incoming: _Incoming | None = None
@@ -517,11 +539,16 @@ class _Receiver:
         if field == _C_STORE_RQ:
             sop = _ui(cmd, _AFFECTED_SOP_INSTANCE)
             syntax = self.assoc.transfer_syntax.get(context_id)
-            incoming = _Incoming(
-                path=self.dest / self.file_name(sop or "unknown"),
-                message_id=_us(cmd, _MESSAGE_ID),
+            request = StoreRequest(
                 sop_class=_ui(cmd, _AFFECTED_SOP_CLASS),
                 sop_instance=sop,
+                move_originator_ae=_ui(cmd, _MOVE_ORIGINATOR_AE),
+                move_originator_id=_us(cmd, _MOVE_ORIGINATOR_ID) if _MOVE_ORIGINATOR_ID in cmd else None,
+            )
+            incoming = _Incoming(
+                placement=self.place(request),
+                request=request,
+                message_id=_us(cmd, _MESSAGE_ID),
                 context_id=context_id,
                 transfer_syntax=syntax or "",
                 refuse=None if sop and syntax else _CANNOT_UNDERSTAND,
@@ -544,14 +571,14 @@ class _Receiver:
 
     def _answer(self, incoming: _Incoming) -> None:
         status = incoming.finish()
-        if status == 0x0000 and self.on_stored is not None:
-            status = self.on_stored(incoming.path, incoming.sop_instance)
+        if status == 0x0000 and incoming.check and self.on_stored is not None:
+            status = self.on_stored(incoming.path, incoming.request)
         self.received += status == 0x0000
         command = _response(
             _C_STORE_RSP,
             message_id=incoming.message_id,
-            sop_class=incoming.sop_class,
-            sop_instance=incoming.sop_instance,
+            sop_class=incoming.request.sop_class,
+            sop_instance=incoming.request.sop_instance,
             status=status,
         )
         self.assoc.send(_pdata(incoming.context_id, 0x03, command))
@@ -572,9 +599,9 @@ class _Receiver:
 
 class StreamingStorageServer:
     """A storage SCP (the destination of our C-MOVEs): one thread accepts, one thread per association
-    receives, each instance streamed into `staging` and handed to `on_stored(path, sop_instance_uid)`,
-    which moves it where it belongs and returns the C-STORE status. Start with start(), stop with
-    shutdown(); `server_address` is the bound (host, port)."""
+    receives, each instance streamed to where `place(request)` says, and if that placement asks for a
+    check, handed complete to `on_stored(path, request)`, which files it and returns the C-STORE status.
+    Start with start(), stop with shutdown(); `server_address` is the bound (host, port)."""
 
     def __init__(
         self,
@@ -582,15 +609,14 @@ class StreamingStorageServer:
         ae_title: str,
         host: str,
         port: int,
-        staging: Path,
-        on_stored: Callable[[Path, str], int],
+        place: Callable[[StoreRequest], Placement],
+        on_stored: Callable[[Path, StoreRequest], int],
         storage_classes: Sequence[str],
         transfer_syntaxes: Sequence[str],
         timeout_s: float,
     ) -> None:
         self.ae_title = ae_title
-        self.staging = staging
-        self.on_stored = on_stored
+        self.place, self.on_stored = place, on_stored
         self.storage_classes = frozenset(str(c) for c in storage_classes)
         self.transfer_syntaxes = list(transfer_syntaxes)
         self.timeout_s = timeout_s
@@ -628,13 +654,7 @@ class StreamingStorageServer:
             assoc.accept(
                 ae_title=self.ae_title, storage_classes=self.storage_classes, transfer_syntaxes=self.transfer_syntaxes
             )
-            receiver = _Receiver(
-                assoc,
-                dest=self.staging,
-                file_name=lambda _sop: f"{uuid.uuid4().hex}.dcm",  # unique: two associations may send one SOP
-                operation="C-STORE",
-                on_stored=self.on_stored,
-            )
+            receiver = _Receiver(assoc, place=self.place, operation="C-STORE", on_stored=self.on_stored)
             receiver.run()  # until the requestor releases
         except TransientError as exc:  # lost, aborted or silent peer: what was filed stays filed
             if not self._stopping.is_set():

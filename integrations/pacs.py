@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -16,6 +17,7 @@ import socket
 import tempfile
 import threading
 import types
+import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -220,7 +222,10 @@ class _StoreSink:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._folders: dict[str, tuple[Path, int]] = {}  # study UID -> (folder, retrievals under way)
+        self._moves: dict[int, Path] = {}  # our C-MOVE's Message ID -> folder
         self.rejected = 0
+        self.ae_title = ""  # ours, as the PACS names it in Move Originator AE Title
+        self.staging: Path | None = None
 
     def register(self, study_uid: str, folder: Path) -> None:
         with self._lock:
@@ -252,9 +257,31 @@ class _StoreSink:
             return 0xA700  # not a study we asked for
         return _write_instance(event, folder, sop_uid)
 
-    def file(self, path: Path, sop_uid: str) -> int:
-        """For nightread's own storage SCP: a complete file in the staging folder goes into its study's
-        folder (read from its header), or is deleted if no retrieval under way asked for its study."""
+    def expect(self, message_id: int, folder: Path) -> None:
+        """Instances sent on behalf of our C-MOVE with this Message ID go straight into `folder`."""
+        with self._lock:
+            self._moves[message_id] = folder
+
+    def forget(self, message_id: int) -> None:
+        with self._lock:
+            self._moves.pop(message_id, None)
+
+    def place(self, request: dimse_stream.StoreRequest) -> dimse_stream.Placement:
+        """For nightread's own storage SCP: an instance a PACS sends for one of our C-MOVEs (Move
+        Originator AE title and Message ID, PS3.7 9.1.1.1) is written straight into that retrieval's
+        folder; anything else into the staging folder, filed by its header once complete."""
+        with self._lock:
+            ours = request.move_originator_ae == self.ae_title and request.move_originator_id is not None
+            folder = self._moves.get(request.move_originator_id or 0) if ours else None
+        if folder is not None and request.sop_instance:
+            return dimse_stream.Placement(folder / _file_name(request.sop_instance))
+        assert self.staging is not None
+        return dimse_stream.Placement(self.staging / f"{uuid.uuid4().hex}.dcm", check=True)
+
+    def file(self, path: Path, request: dimse_stream.StoreRequest) -> int:
+        """A complete file in the staging folder goes into its study's folder (read from its header),
+        or is deleted if no retrieval under way asked for its study."""
+        sop_uid = request.sop_instance
         try:
             study_uid = str(dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
         except Exception:  # not a dataset pydicom can read: refuse it, do not crash the SCP
@@ -305,6 +332,7 @@ class DimseStudySource:
             raise ValueError(f'dimse_receiver must be "direct" or "pynetdicom", not {dimse_receiver!r}')
         self.dimse_receiver = dimse_receiver
         self._staging: Path | None = None
+        self._move_ids = itertools.count()
         self.name = name
         self.host, self.port = host, port
         self.called_ae, self.calling_ae = called_ae, calling_ae
@@ -451,10 +479,13 @@ class DimseStudySource:
             self._sink.register(study_instance_uid, dest)
         try:
             if len(identifiers) == 1:
-                self._c_move(identifiers[0]) if self.retrieve == "move" else self._c_get(identifiers[0], dest=dest)
+                if self.retrieve == "move":
+                    self._c_move(identifiers[0], dest)
+                else:
+                    self._c_get(identifiers[0], dest=dest)
             elif self.retrieve == "move":  # the PACS sends to our storage SCP: requests can go from threads
                 with ThreadPoolExecutor(max_workers=len(identifiers), thread_name_prefix="c-move") as threads:
-                    for future in [threads.submit(self._c_move, ident) for ident in identifiers]:
+                    for future in [threads.submit(self._c_move, ident, dest) for ident in identifiers]:
                         future.result()
             else:  # C-GET receives in the requesting process: worker processes, so Python is not the bottleneck
                 pool = self._process_pool()
@@ -539,11 +570,12 @@ class DimseStudySource:
             host = "127.0.0.1" if self.host in ("127.0.0.1", "localhost") else "0.0.0.0"
             if self.dimse_receiver == "direct":
                 self._staging = Path(tempfile.mkdtemp(prefix="nightread-move-"))
+                self._sink.ae_title, self._sink.staging = self.calling_ae, self._staging
                 self._move_server = dimse_stream.StreamingStorageServer(
                     ae_title=self.calling_ae,
                     host=host,
                     port=self._move_port,
-                    staging=self._staging,
+                    place=self._sink.place,
                     on_stored=self._sink.file,
                     storage_classes=RETRIEVE_STORAGE_CLASSES,
                     transfer_syntaxes=TRANSFER_SYNTAXES,
@@ -568,17 +600,23 @@ class DimseStudySource:
         self._ensure_move_server()
         return int(self._move_server.server_address[1])
 
-    def _c_move(self, identifier: Dataset) -> None:
+    def _c_move(self, identifier: Dataset, dest: Path) -> None:
         self._ensure_move_server()
         ae = self._ae()
         ae.add_requested_context(sc.StudyRootQueryRetrieveInformationModelMove)
         final = None
-        with self._connect(ae) as assoc:
-            for status, _ in assoc.send_c_move(
-                identifier, self.calling_ae, sc.StudyRootQueryRetrieveInformationModelMove
-            ):
-                if "Status" not in status:
-                    raise _status_error("C-MOVE", status, self.called_ae, self.calling_ae)
-                if int(status.Status) not in (0xFF00, 0xFF01):
-                    final = status
+        with self._server_lock:
+            message_id = 1 + next(self._move_ids) % 0xFFFF  # unique among our C-MOVEs under way
+        self._sink.expect(message_id, dest)
+        try:
+            with self._connect(ae) as assoc:
+                for status, _ in assoc.send_c_move(
+                    identifier, self.calling_ae, sc.StudyRootQueryRetrieveInformationModelMove, msg_id=message_id
+                ):
+                    if "Status" not in status:
+                        raise _status_error("C-MOVE", status, self.called_ae, self.calling_ae)
+                    if int(status.Status) not in (0xFF00, 0xFF01):
+                        final = status
+        finally:
+            self._sink.forget(message_id)
         self._check_final("C-MOVE", final)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID
 from pynetdicom import sop_class as sc
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -31,9 +32,15 @@ from integrations.sample_pacs import SamplePacs
 WEEK_AGO = dt.datetime.combine(dt.date.today() - dt.timedelta(days=7), dt.time())
 
 
-def source(pacs: SamplePacs, receiver: str) -> DimseStudySource:
+def source(pacs: SamplePacs, receiver: str, retrieve: str = "get") -> DimseStudySource:
     return DimseStudySource(
-        name="t", host="127.0.0.1", port=pacs.port, called_ae=pacs.ae_title, timeout_s=10, dimse_receiver=receiver
+        name="t",
+        host="127.0.0.1",
+        port=pacs.port,
+        called_ae=pacs.ae_title,
+        timeout_s=10,
+        dimse_receiver=receiver,
+        retrieve=retrieve,
     )
 
 
@@ -61,14 +68,17 @@ def c_get(port: int, dest: Path, *, called_ae: str = "SAMPLEPACS", timeout_s: fl
     return dimse_stream.c_get(**args)  # type: ignore[arg-type]
 
 
-def test_both_receivers_file_the_same_bytes(sample_pacs, tmp_path):
+@pytest.mark.parametrize("retrieve", ["get", "move"])
+def test_both_receivers_file_the_same_bytes(sample_pacs, tmp_path, retrieve):
     """The contract: nightread's receiver writes exactly the files pynetdicom's Event.encoded_dataset() writes."""
     ct = next(r for r in source(sample_pacs, "direct").find_studies(since=WEEK_AGO) if r.modalities == ("CT",))
     got = {}
     for receiver in ("direct", "pynetdicom"):
-        got[receiver] = source(sample_pacs, receiver).retrieve_study(
-            ct.study_instance_uid, dest=tmp_path / receiver, expected=ct.number_of_instances
-        )
+        with source(sample_pacs, receiver, retrieve) as src:
+            sample_pacs.move_destinations["NIGHTREAD"] = ("127.0.0.1", src.move_port)
+            got[receiver] = src.retrieve_study(
+                ct.study_instance_uid, dest=tmp_path / receiver, expected=ct.number_of_instances
+            )
     direct, reference = got["direct"], got["pynetdicom"]
     assert len(direct.files) == 33
     assert [p.name for p in direct.files] == [p.name for p in reference.files]
@@ -227,3 +237,43 @@ def test_a_silent_pacs_times_out_as_transient(tmp_path):
     finally:
         peer.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_storage_scp_files_by_move_originator_or_by_header_and_refuses_strangers(sample_pacs, tmp_path):
+    """nightread's C-MOVE destination, driven by a pynetdicom storage SCU: an instance sent for one of our
+    C-MOVEs (Move Originator AE title + Message ID) goes straight to that retrieval's folder; one without
+    goes to its study's folder by its header; one of a study nobody asked for is refused (0xA700) and
+    nothing of it stays behind; C-ECHO is answered; contexts we do not file are rejected one by one."""
+    studies = sample_pacs.archive.studies
+    by_move, by_header, stranger = studies[0].instances[0], studies[1].instances[0], studies[2].instances[0]
+    with DimseStudySource(name="t", host="127.0.0.1", port=1, called_ae="X", retrieve="move") as src:
+        port = src.move_port
+        sink = src._sink
+        sink.expect(77, tmp_path / "move")
+        sink.register(str(by_header.StudyInstanceUID), tmp_path / "header")
+        (tmp_path / "move").mkdir()
+        (tmp_path / "header").mkdir()
+        quiet_pynetdicom()
+        scu = AE(ae_title="PACS")
+        scu.add_requested_context(sc.Verification)
+        scu.add_requested_context(sc.BasicStructuredDisplayStorage)  # not a class we file
+        for sop_class in {ds.SOPClassUID for ds in (by_move, by_header, stranger)}:
+            scu.add_requested_context(sop_class, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", port, ae_title="NIGHTREAD")
+        assert assoc.is_established
+        try:
+            assert [c.abstract_syntax for c in assoc.rejected_contexts] == [sc.BasicStructuredDisplayStorage]
+            assert assoc.send_c_echo().Status == 0x0000
+            status = assoc.send_c_store(by_move, originator_aet="NIGHTREAD", originator_id=77)
+            assert status.Status == 0x0000
+            assert assoc.send_c_store(by_header).Status == 0x0000
+            assert assoc.send_c_store(stranger).Status == 0xA700
+        finally:
+            assoc.release()
+        staging = sink.staging
+        assert staging is not None
+        assert list(staging.iterdir()) == []
+    for folder, ds in (("move", by_move), ("header", by_header)):
+        assert dcmread(tmp_path / folder / f"{uid_hash(ds.SOPInstanceUID)}.dcm").SOPInstanceUID == ds.SOPInstanceUID
+    assert sink.rejected == 1
+    assert not staging.exists(), "the staging folder goes when the source closes"
