@@ -33,8 +33,8 @@ from integrations.errors import (
     TransientError,
 )
 from integrations.imaging import InstanceInfo, read_dataset, read_instance_info, render, window_key
-from integrations.pacs import uid_hash
 from integrations.ports import AnnotationRequest, ImageContext, Question, RetrievedStudy
+from integrations.query import uid_hash
 
 ANNOTATE_BATCH = 8  # images per annotator call within a study; results are committed per call
 

@@ -613,7 +613,7 @@ def rules_explain(
     from flows.selection import select
     from integrations.errors import NightreadError
     from integrations.imaging import read_instance_info
-    from integrations.pacs import uid_hash
+    from integrations.query import uid_hash
 
     settings = _settings()
     engine = _engine_at_head(settings)

@@ -6,21 +6,24 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
+import os
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import Dataset
 
 from integrations.errors import PeerRefused, RetrievalIncomplete, TransientError
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
-from integrations.query import series_ref, studies_since, study_ref
+from integrations.query import series_ref, studies_since, study_ref, uid_hash
 
 log = logging.getLogger(__name__)
+_WRITE_BUFFER = 1 << 20
+_HEAD = 4096  # bytes kept of each part to read its File Meta Information
 
 STUDY_FIELDS = (
     "StudyInstanceUID",
@@ -154,8 +157,8 @@ class DicomWebStudySource:
         return [series_ref(Dataset.from_json(a)) for a in answers]
 
     def retrieve_study(self, study_instance_uid: str, *, dest: Path, expected: int | None = None) -> RetrievedStudy:
-        """WADO-RS: the study's multipart response is streamed part by part straight to files, as the
-        PACS encoded them (no parse and re-encode; memory stays at one chunk, not one study)."""
+        """WADO-RS: the study's multipart response is streamed straight into one file per instance, as
+        the PACS encoded it (no parse and re-encode; memory stays at one chunk, not one instance)."""
         dest.mkdir(parents=True, exist_ok=True)
         url = f"{self.url}/studies/{study_instance_uid}"
         headers = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
@@ -163,20 +166,26 @@ class DicomWebStudySource:
             response = self._session.get(url, headers=headers, stream=True, timeout=self.timeout_s)
             response.raise_for_status()
             with response:
-                for part in iter_multipart(
+                events = multipart_events(
                     response.headers.get("Content-Type", ""), response.iter_content(chunk_size=1 << 20)
-                ):
-                    name = hashlib.sha256(part).hexdigest()[:16]
-                    (dest / f"{name}.dcm").write_bytes(part)
+                )
+                write_parts(events, dest)
         files = tuple(sorted(dest.glob("*.dcm")))
         if expected is not None and len(files) < expected:
             raise RetrievalIncomplete(expected=expected, received=len(files))
         return RetrievedStudy(study_instance_uid, dest, files, expected)
 
 
-def iter_multipart(content_type: str, chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """The bodies of a multipart/related HTTP body, streamed (RFC 2046): each is yielded as soon as
-    the delimiter after it has arrived."""
+PART, DATA, END = "part", "data", "end"
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def multipart_events(content_type: str, chunks: Iterable[bytes]) -> Iterator[tuple[str, memoryview]]:
+    """A multipart/related HTTP body (RFC 2046) as a stream of events: (PART, empty) when a part's body
+    starts, (DATA, bytes of it) as they arrive, (END, empty) when the delimiter after it has arrived.
+    Nothing is held back but the few bytes that could be the start of a delimiter, so a part of any
+    size streams through in the chunks it came in; the views stay valid (they are of immutable bytes).
+    A part without a blank line between headers and body is skipped; a body cut short yields no END."""
     media_type, *params = [p.strip() for p in content_type.split(";")]
     if media_type.lower() != "multipart/related":
         raise PeerRefused(f"expected a multipart/related answer, got {media_type or 'no content type'}")
@@ -184,23 +193,102 @@ def iter_multipart(content_type: str, chunks: Iterable[bytes]) -> Iterator[bytes
     if not boundary:
         raise PeerRefused("multipart answer without a boundary")
     delimiter = b"\r\n--" + boundary.encode()
-    buffer = bytearray(b"\r\n")  # so the first delimiter looks like the others
-    search_from = 0
-    started = False
+    keep = len(delimiter) - 1  # the longest tail that could be the start of a delimiter
+    empty = memoryview(b"")
+    tail = b"\r\n"  # so the first delimiter looks like the others
+    state = "preamble"
     for chunk in chunks:
-        buffer += chunk
+        data = tail + chunk if tail else bytes(chunk)
+        view = memoryview(data)
+        pos, end = 0, len(data)
         while True:
-            at = buffer.find(delimiter, search_from)
-            if at < 0:
-                search_from = max(0, len(buffer) - len(delimiter))
-                break
-            if started:
-                part = bytes(buffer[:at])
-                _headers, sep, body = part.partition(b"\r\n\r\n")
-                if sep:
-                    yield body
-            started = True
-            del buffer[: at + len(delimiter)]
-            search_from = 0
-            if buffer.startswith(b"--"):  # the closing delimiter
-                return
+            if state in ("preamble", "body"):
+                at = data.find(delimiter, pos)
+                if at < 0:
+                    flush = max(pos, end - keep)
+                    if state == "body" and flush > pos:
+                        yield DATA, view[pos:flush]
+                    pos = flush
+                    break
+                if state == "body":
+                    if at > pos:
+                        yield DATA, view[pos:at]
+                    yield END, empty
+                pos, state = at + len(delimiter), "delimited"
+            elif state == "delimited":
+                if end - pos < 2:
+                    break
+                if data[pos : pos + 2] == b"--":  # the closing delimiter
+                    return
+                state = "headers"
+            else:  # headers: up to the blank line
+                blank = data.find(b"\r\n\r\n", pos)
+                following = data.find(delimiter, pos)
+                if following >= 0 and (blank < 0 or following < blank):  # no body separator: skip the part
+                    pos, state = following + len(delimiter), "delimited"
+                    continue
+                if blank < 0:
+                    break
+                yield PART, empty
+                pos, state = blank + 4, "body"
+        tail = data[pos:]
+
+
+def sop_instance_of_part10(head: bytes) -> str | None:
+    """The Media Storage SOP Instance UID from the File Meta Information at the start of a DICOM file
+    (always Explicit VR Little Endian, PS3.10 7.1), or None when `head` is not a Part 10 file."""
+    if head[128:132] != b"DICM":
+        return None
+    offset = 132
+    while offset + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, offset)
+        if group != 0x0002:
+            return None
+        vr = bytes(head[offset + 4 : offset + 6])
+        if vr in _LONG_VRS:
+            if offset + 12 > len(head):
+                return None
+            length, value_at = struct.unpack_from("<I", head, offset + 8)[0], offset + 12
+        else:
+            length, value_at = struct.unpack_from("<H", head, offset + 6)[0], offset + 8
+        if element == 0x0003:
+            if value_at + length > len(head):
+                return None
+            return bytes(head[value_at : value_at + length]).rstrip(b"\x00 ").decode("ascii", "replace") or None
+        offset = value_at + length
+    return None
+
+
+def write_parts(events: Iterable[tuple[str, memoryview]], dest: Path) -> int:
+    """Each part into its own file, named like the DIMSE routes name theirs (a hash of the SOP Instance
+    UID from its File Meta Information, so an instance sent twice is one file), `.part` until its END.
+    Returns the number of parts written."""
+    out: BinaryIO | None = None
+    part = dest / "incoming.part"
+    head = bytearray()
+    written = 0
+    try:
+        for kind, data in events:
+            if kind == PART:
+                part = dest / f"incoming-{written + 1}.part"
+                out = part.open("wb", buffering=_WRITE_BUFFER)
+                head.clear()
+            elif out is None:
+                continue
+            elif kind == DATA:
+                out.write(data)
+                if len(head) < _HEAD:
+                    head += data[: _HEAD - len(head)]
+            else:  # END
+                out.close()
+                out = None
+                sop = sop_instance_of_part10(bytes(head))
+                if sop is None:
+                    log.warning("a WADO-RS part is not a DICOM file (no File Meta Information); kept unnamed")
+                written += 1
+                os.replace(part, dest / f"{uid_hash(sop) if sop else f'unnamed-{written}'}.dcm")
+    finally:
+        if out is not None:  # the answer was cut short in the middle of a part
+            out.close()
+            part.unlink(missing_ok=True)
+    return written

@@ -7,7 +7,6 @@ that always releases or aborts. pynetdicom's identifier logging (PHI) is switche
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import itertools
 import logging
 import multiprocessing as mp
@@ -48,7 +47,7 @@ from pynetdicom import sop_class as sc
 from integrations import dimse_stream
 from integrations.errors import PeerRefused, RetrievalIncomplete, TransientError
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
-from integrations.query import int_of, series_ref, studies_since, study_ref, text_of
+from integrations.query import int_of, series_ref, studies_since, study_ref, text_of, uid_hash
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +137,6 @@ def _recv_whole(transport: Any, nr_bytes: int) -> bytearray:
             return buf[:got]
         got += n
     return buf
-
-
-def uid_hash(uid: str) -> str:
-    """A short stable handle for a UID, for logs, file names and failure records."""
-    return hashlib.sha256(uid.encode()).hexdigest()[:16]
 
 
 @contextmanager

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Iterable, Sequence
 
 from pydicom.dataset import Dataset
 
 from integrations.imaging import values_of
 from integrations.ports import SeriesRef, StudyRef
+
+
+def uid_hash(uid: str) -> str:
+    """A short stable handle for a UID, for logs, file names and failure records."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:16]
 
 
 def text_of(ds: Dataset, keyword: str) -> str:

@@ -22,8 +22,9 @@ from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
 from integrations.errors import ConfigurationError, RetrievalIncomplete
-from integrations.pacs import RETRIEVE_STORAGE_CLASSES, TRANSFER_SYNTAXES, quiet_pynetdicom, uid_hash
+from integrations.pacs import RETRIEVE_STORAGE_CLASSES, TRANSFER_SYNTAXES, quiet_pynetdicom
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
+from integrations.query import uid_hash
 
 log = logging.getLogger(__name__)
 

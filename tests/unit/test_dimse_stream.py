@@ -26,7 +26,8 @@ from pynetdicom.presentation import PresentationContext
 
 from integrations import dimse_stream
 from integrations.errors import PeerRefused, TransientError
-from integrations.pacs import RETRIEVE_STORAGE_CLASSES, TRANSFER_SYNTAXES, DimseStudySource, quiet_pynetdicom, uid_hash
+from integrations.pacs import RETRIEVE_STORAGE_CLASSES, TRANSFER_SYNTAXES, DimseStudySource, quiet_pynetdicom
+from integrations.query import uid_hash
 from integrations.sample_pacs import SamplePacs
 
 WEEK_AGO = dt.datetime.combine(dt.date.today() - dt.timedelta(days=7), dt.time())
