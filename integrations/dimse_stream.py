@@ -5,9 +5,11 @@ its fragments arrive.
 pynetdicom hands every PDU from its reactor thread to a queue, then to the DIMSE thread, reassembles
 each instance in memory and only then calls the C-STORE handler, which answers through the same
 threads: about 6 ms per instance and 20 µs per PDU on loopback here, where dcmtk's getscu needs
-1.6 ms. This module keeps pynetdicom's encoders for everything that is negotiated or small (the
-A-ASSOCIATE-RQ/AC PDUs, the command sets), so the wire format stays theirs, and does only the bulk
-path by hand: PDU header, PDV items, dataset fragments written straight into the instance's file.
+1.6 ms. This module keeps pynetdicom's encoders and decoders for what is negotiated or sent once (the
+A-ASSOCIATE-RQ/AC PDUs, the C-GET request, the final C-GET response), and does the per-instance path
+by hand: PDU headers, PDV items, the command elements of a C-STORE request, the C-STORE and C-ECHO
+responses and the File Meta Information (byte for byte what pynetdicom and pydicom write; the unit
+tests compare them), and the data set's fragments written straight into the instance's file.
 
 Each instance is filed as the DICOM file pynetdicom's `Event.encoded_dataset()` would have written
 (preamble, File Meta Information from the request and the presentation context, the data set as
@@ -660,6 +662,9 @@ class StreamingStorageServer:
             if not self._stopping.is_set():
                 log.warning("storage SCP association ended: %s", exc)
                 assoc.abort()
+        except Exception:  # e.g. a request pynetdicom's decoder cannot read: end this association only
+            log.exception("storage SCP association from %s failed", assoc.where)
+            assoc.abort()
         finally:
             if receiver is not None and receiver.incoming is not None:
                 receiver.incoming.discard()

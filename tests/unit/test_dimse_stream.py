@@ -17,8 +17,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID
 from pynetdicom import sop_class as sc
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
@@ -278,3 +278,50 @@ def test_the_storage_scp_files_by_move_originator_or_by_header_and_refuses_stran
         assert dcmread(tmp_path / folder / f"{uid_hash(ds.SOPInstanceUID)}.dcm").SOPInstanceUID == ds.SOPInstanceUID
     assert sink.rejected == 1
     assert not staging.exists(), "the staging folder goes when the source closes"
+
+
+def test_the_storage_scp_survives_a_garbled_request_and_serves_the_next_association():
+    with DimseStudySource(name="t", host="127.0.0.1", port=1, called_ae="X", retrieve="move") as src:
+        port = src.move_port
+        for garbage in (b"\x01\x00\x00\x00\x00\x05hello", b"\x04\x00\x00\x00\x00\x02xx", b"GET / HTTP/1.1\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(garbage)
+                s.shutdown(socket.SHUT_WR)
+                answer = b""
+                while chunk := s.recv(4096):
+                    answer += chunk
+                assert not answer.startswith(b"\x02"), "no association for garbage: an abort or nothing"
+        quiet_pynetdicom()
+        scu = AE(ae_title="PACS")
+        scu.add_requested_context(sc.Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="NIGHTREAD")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+
+
+@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.3.45"])  # even and odd lengths (UID padding)
+def test_hand_encoded_responses_are_the_bytes_pynetdicom_encodes(sop_instance):
+    store = C_STORE()
+    store.MessageIDBeingRespondedTo = 7
+    store.AffectedSOPClassUID = sc.CTImageStorage
+    store.AffectedSOPInstanceUID = sop_instance
+    store.Status = 0xA700
+    message = C_STORE_RSP()
+    message.primitive_to_message(store)
+    ours = dimse_stream._response(
+        0x8001, message_id=7, sop_class=sc.CTImageStorage, sop_instance=sop_instance, status=0xA700
+    )
+    assert ours == encode(message.command_set, True, True)
+    parsed = dimse_stream._parse_command(ours)
+    assert dimse_stream._ui(parsed, 0x1000) == sop_instance
+    assert dimse_stream._us(parsed, 0x0900) == 0xA700
+
+    echo = C_ECHO()
+    echo.MessageIDBeingRespondedTo = 3
+    echo.AffectedSOPClassUID = sc.Verification
+    echo.Status = 0x0000
+    message = C_ECHO_RSP()
+    message.primitive_to_message(echo)
+    ours = dimse_stream._response(0x8030, message_id=3, sop_class=sc.Verification, status=0x0000)
+    assert ours == encode(message.command_set, True, True)
