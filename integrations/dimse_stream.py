@@ -337,8 +337,6 @@ class _Association:
             context.context_id = proposed.context_id
             abstract = str(proposed.abstract_syntax)
             syntax = next((str(ts) for ts in proposed.transfer_syntax if str(ts) in known), None)
-            if abstract == VERIFICATION:
-                syntax = next((str(ts) for ts in proposed.transfer_syntax if ts == ImplicitVRLittleEndian), syntax)
             if abstract not in storage_classes and abstract != VERIFICATION:
                 context.result, syntax = 0x03, None  # abstract syntax not supported
             elif syntax is None:
@@ -348,13 +346,7 @@ class _Association:
                 self.transfer_syntax[int(proposed.context_id)] = syntax
             context.transfer_syntax = [UID(syntax or str(proposed.transfer_syntax[0]))]
             answer.presentation_context_definition_results_list.append(context)
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = MAX_PDU
-        implementation = ImplementationClassUIDNotification()
-        implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-        answer.user_information = [max_length, implementation, version]
+        answer.user_information = _user_information()
         ac = A_ASSOCIATE_AC()
         ac.from_primitive(answer)
         self.send(ac.encode())
@@ -369,6 +361,17 @@ class _Association:
             self.reader.close()
         with suppress(OSError):
             self.sock.close()
+
+
+def _user_information() -> list[Any]:
+    """What we announce on every association: the largest PDU we take, and who we are."""
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = MAX_PDU
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    return [max_length, implementation, version]
 
 
 @lru_cache(maxsize=32)
@@ -392,14 +395,7 @@ def _request(
     primitive.calling_ae_title = calling_ae
     primitive.called_ae_title = called_ae
     primitive.presentation_context_definition_list = contexts
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = MAX_PDU
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-    roles = [build_role(c, scp_role=True) for c in storage_classes]
-    primitive.user_information = [max_length, implementation, version, *roles]
+    primitive.user_information = [*_user_information(), *(build_role(c, scp_role=True) for c in storage_classes)]
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(primitive)
     return pdu.encode(), proposed
