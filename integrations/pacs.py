@@ -244,12 +244,18 @@ class _StoreSink:
         except Exception:  # a dataset pydicom cannot even parse: refuse it, do not crash the SCP
             log.warning("refused an instance whose dataset could not be parsed")
             return 0xC210
-        with self._lock:
-            folder = self._folders.get(study_uid, (None, 0))[0]
+        folder = self._folder_of(study_uid)
         if folder is None or not sop_uid:
-            self.rejected += 1
             return 0xA700  # not a study we asked for
         return _write_instance(event, folder, sop_uid)
+
+    def _folder_of(self, study_uid: str) -> Path | None:
+        """The folder of a study a retrieval under way asked for; None (and counted) for any other."""
+        with self._lock:
+            folder = self._folders.get(study_uid, (None, 0))[0]
+            if folder is None:
+                self.rejected += 1
+            return folder
 
     def expect(self, message_id: int, folder: Path) -> None:
         """Instances sent on behalf of our C-MOVE with this Message ID go straight into `folder`."""
@@ -282,11 +288,9 @@ class _StoreSink:
             path.unlink(missing_ok=True)
             log.warning("refused an instance whose dataset could not be parsed")
             return 0xC210
-        with self._lock:
-            folder = self._folders.get(study_uid, (None, 0))[0]
+        folder = self._folder_of(study_uid)
         if folder is None:
             path.unlink(missing_ok=True)
-            self.rejected += 1
             return 0xA700  # not a study we asked for
         try:
             shutil.move(path, folder / _file_name(sop_uid))  # a rename when both are on one file system
