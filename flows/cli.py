@@ -473,6 +473,7 @@ def listen(
             host=settings.listen.host,
             port=settings.listen.port if port is None else port,
             on_arrival=record,
+            dimse_receiver=settings.listen.dimse_receiver,
         )
         receiver.start()
     except ConfigurationError as exc:

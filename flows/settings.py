@@ -91,6 +91,9 @@ class ListenSettings(BaseModel):
     allowed_aes: list[str] = Field(default_factory=list, description="calling AE titles allowed to push (JSON list)")
     quiet_period_s: float = Field(default=120.0, ge=0, description="no new instance for this long: study complete")
     source_name: str = "push"
+    dimse_receiver: Literal["direct", "pynetdicom"] = Field(
+        default="direct", description="nightread's receiver (streams to disk) or pynetdicom's"
+    )
 
 
 class InferenceSettings(BaseModel):

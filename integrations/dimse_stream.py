@@ -66,6 +66,8 @@ _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x05, 0x06, 0x07
 _RELEASE_RQ_PDU = bytes([_RELEASE_RQ, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _RELEASE_RP_PDU = bytes([_RELEASE_RP, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _ABORT_PDU = bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # source: service user, no reason
+# rejected-permanent, by the service user, calling AE title not recognized (PS3.8 9.3.4)
+_REJECT_CALLING_AE_PDU = bytes([_ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, 1, 1, 3])
 
 # DIMSE command fields and statuses used here
 _C_STORE_RQ, _C_GET_RSP = 0x0001, 0x8010
@@ -174,6 +176,7 @@ class StoreRequest:
 
     sop_class: str
     sop_instance: str
+    calling_ae: str = ""  # the AE title that sent it (storage SCP)
     move_originator_ae: str = ""  # set by a PACS sending on behalf of a C-MOVE
     move_originator_id: int | None = None  # that C-MOVE's Message ID
 
@@ -314,17 +317,29 @@ class _Association:
             if pdu_type == _RELEASE_RQ:  # release collision: answer it (PS3.8 7.2.2)
                 self.send(_RELEASE_RP_PDU)
 
-    def accept(self, *, ae_title: str, storage_classes: frozenset[str], transfer_syntaxes: Sequence[str]) -> str:
+    def accept(
+        self,
+        *,
+        ae_title: str,
+        storage_classes: frozenset[str],
+        transfer_syntaxes: Sequence[str],
+        allowed_aes: frozenset[str] | None = None,
+    ) -> str:
         """As acceptor: read the A-ASSOCIATE-RQ and accept every storage context we file (the first
         transfer syntax the requestor proposed that we know), plus Verification; the others are
-        rejected one by one, as pynetdicom's acceptor does. Returns the calling AE title."""
+        rejected one by one, as pynetdicom's acceptor does. A calling AE title not in `allowed_aes`
+        (when given) is rejected outright (PeerRefused). Returns the calling AE title."""
         pdu_type, body = self.read_pdu()
         if pdu_type != _ASSOCIATE_RQ:
             raise TransientError(f"{self.peer} at {self.where} sent PDU type 0x{pdu_type:02X} instead of a request")
         rq = A_ASSOCIATE_RQ()
         rq.decode(bytes([pdu_type, 0]) + len(body).to_bytes(4, "big") + body)
         request = rq.to_primitive()
-        self.peer = f"{str(request.calling_ae_title).strip()!r}"
+        calling_ae = str(request.calling_ae_title).strip()
+        self.peer = f"storage SCU {calling_ae!r}"
+        if allowed_aes is not None and calling_ae not in allowed_aes:
+            self.send(_REJECT_CALLING_AE_PDU)
+            raise PeerRefused(f"refused an association from {self.peer} at {self.where}: not an allowed AE title")
         self.max_send = int(getattr(request, "maximum_length_received", 0) or 0)
         answer = A_ASSOCIATE()
         answer.application_context_name = request.application_context_name
@@ -350,7 +365,7 @@ class _Association:
         ac = A_ASSOCIATE_AC()
         ac.from_primitive(answer)
         self.send(ac.encode())
-        return str(request.calling_ae_title).strip()
+        return calling_ae
 
     def abort(self) -> None:
         with suppress(OSError):
@@ -458,7 +473,7 @@ def c_get(
             assoc,
             place=lambda request: Placement(dest / file_name(request.sop_instance or "unknown")),
             operation="C-GET",
-            calling_ae=calling_ae,
+            our_ae=calling_ae,
         )
         final = receiver.run()
         if not receiver.released:
@@ -486,12 +501,14 @@ class _Receiver:
         *,
         place: Callable[[StoreRequest], Placement],
         operation: str,
-        calling_ae: str = "",
+        our_ae: str = "",
+        peer_ae: str = "",
         on_stored: Callable[[Path, StoreRequest], int] | None = None,
     ) -> None:
         self.assoc = assoc
         self.place = place
-        self.operation, self.calling_ae = operation, calling_ae
+        self.operation = operation
+        self.our_ae, self.peer_ae = our_ae, peer_ae
         self.on_stored = on_stored
         self.incoming: _Incoming | None = None
         self.final: Dataset | None = None
@@ -540,6 +557,7 @@ class _Receiver:
             request = StoreRequest(
                 sop_class=_ui(cmd, _AFFECTED_SOP_CLASS),
                 sop_instance=sop,
+                calling_ae=self.peer_ae,
                 move_originator_ae=_ui(cmd, _MOVE_ORIGINATOR_AE),
                 move_originator_id=_us(cmd, _MOVE_ORIGINATOR_ID) if _MOVE_ORIGINATOR_ID in cmd else None,
             )
@@ -591,12 +609,13 @@ class _Receiver:
             )
         return PeerRefused(
             f"{where} aborted the association during C-GET without a status; PACS such as Orthanc do this "
-            f"when the calling AE title {self.calling_ae!r} is not declared among their DICOM modalities"
+            f"when the calling AE title {self.our_ae!r} is not declared among their DICOM modalities"
         )
 
 
 class StreamingStorageServer:
-    """A storage SCP (the destination of our C-MOVEs): one thread accepts, one thread per association
+    """A storage SCP (the destination of our C-MOVEs, and `nightread listen`): one thread accepts, one thread
+    per association
     receives, each instance streamed to where `place(request)` says, and if that placement asks for a
     check, handed complete to `on_stored(path, request)`, which files it and returns the C-STORE status.
     Start with start(), stop with shutdown(); `server_address` is the bound (host, port)."""
@@ -612,8 +631,10 @@ class StreamingStorageServer:
         storage_classes: Sequence[str],
         transfer_syntaxes: Sequence[str],
         timeout_s: float,
+        allowed_aes: Sequence[str] | None = None,
     ) -> None:
         self.ae_title = ae_title
+        self.allowed_aes = frozenset(a.strip() for a in allowed_aes) if allowed_aes is not None else None
         self.place, self.on_stored = place, on_stored
         self.storage_classes = frozenset(str(c) for c in storage_classes)
         self.transfer_syntaxes = list(transfer_syntaxes)
@@ -649,11 +670,18 @@ class StreamingStorageServer:
         assoc = _Association(sock, peer="storage SCU", where=f"{host}:{port}")
         receiver: _Receiver | None = None
         try:
-            assoc.accept(
-                ae_title=self.ae_title, storage_classes=self.storage_classes, transfer_syntaxes=self.transfer_syntaxes
+            peer_ae = assoc.accept(
+                ae_title=self.ae_title,
+                storage_classes=self.storage_classes,
+                transfer_syntaxes=self.transfer_syntaxes,
+                allowed_aes=self.allowed_aes,
             )
-            receiver = _Receiver(assoc, place=self.place, operation="C-STORE", on_stored=self.on_stored)
+            receiver = _Receiver(
+                assoc, place=self.place, operation="C-STORE", peer_ae=peer_ae, on_stored=self.on_stored
+            )
             receiver.run()  # until the requestor releases
+        except PeerRefused as exc:  # an AE title not on the allow-list: answered with a rejection
+            log.warning("%s", exc)
         except TransientError as exc:  # lost, aborted or silent peer: what was filed stays filed
             if not self._stopping.is_set():
                 log.warning("storage SCP association ended: %s", exc)

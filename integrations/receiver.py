@@ -13,14 +13,18 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
+from integrations.dimse_stream import Placement, StoreRequest, StreamingStorageServer
 from integrations.errors import ConfigurationError, RetrievalIncomplete
 from integrations.pacs import RETRIEVE_STORAGE_CLASSES, TRANSFER_SYNTAXES, quiet_pynetdicom
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
@@ -59,7 +63,11 @@ class StoreReceiver:
         host: str = "127.0.0.1",
         port: int = 0,
         on_arrival: Callable[[Arrival], None] | None = None,
+        dimse_receiver: str = "direct",
+        timeout_s: float = 60.0,
     ) -> None:
+        if dimse_receiver not in ("direct", "pynetdicom"):
+            raise ValueError(f'dimse_receiver must be "direct" or "pynetdicom", not {dimse_receiver!r}')
         if not allowed_aes:
             raise ConfigurationError("the C-STORE receiver needs at least one allowed calling AE title")
         self.inbox = Path(inbox)
@@ -68,6 +76,8 @@ class StoreReceiver:
         self.host = host
         self._requested_port = port
         self.on_arrival = on_arrival
+        self.dimse_receiver = dimse_receiver
+        self.timeout_s = timeout_s
         self._server: Any = None
         self._lock = threading.Lock()
 
@@ -87,6 +97,24 @@ class StoreReceiver:
     def start(self) -> None:
         quiet_pynetdicom()
         self.inbox.mkdir(parents=True, exist_ok=True)
+        if self.dimse_receiver == "direct":
+            staging = self.inbox / ".incoming"  # on the inbox's file system: filing is a rename
+            staging.mkdir(exist_ok=True)
+            for leftover in staging.glob("*.part"):  # from a receiver that was killed mid-instance
+                leftover.unlink(missing_ok=True)
+            self._server = StreamingStorageServer(
+                ae_title=self.ae_title,
+                host=self.host,
+                port=self._requested_port,
+                place=lambda _request: Placement(staging / f"{uuid.uuid4().hex}.dcm", check=True),
+                on_stored=self._on_stored,
+                storage_classes=RETRIEVE_STORAGE_CLASSES,
+                transfer_syntaxes=TRANSFER_SYNTAXES,
+                timeout_s=self.timeout_s,
+                allowed_aes=self.allowed,  # anyone else is rejected at association time
+            ).start()
+            log.info("C-STORE receiver %s on %s:%d accepts %s", self.ae_title, self.host, self.port, self.allowed)
+            return
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = 0
         ae.require_calling_aet = self.allowed  # anyone else is rejected at association time
@@ -104,24 +132,50 @@ class StoreReceiver:
             self._server = None
 
     def _on_store(self, event: Any) -> int:
+        """pynetdicom's receiver: the instance is in memory, written under a temporary name first."""
         try:
             ds = event.dataset
-            study_uid = str(ds.get("StudyInstanceUID", ""))
-            sop_uid = str(ds.get("SOPInstanceUID", ""))
         except Exception:  # unparseable: refuse this instance, keep serving the others
             log.warning("refused a pushed instance whose dataset could not be parsed")
             return 0xC210
+
+        def write(target: Path) -> None:
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(event.encoded_dataset())
+                os.replace(tmp, target)
+            except OSError:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+        return self._file(ds, str(event.assoc.requestor.ae_title).strip(), write)
+
+    def _on_stored(self, path: Path, request: StoreRequest) -> int:
+        """nightread's receiver: the instance is already on disk in the staging folder; its header says
+        which study folder it goes into."""
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except Exception:  # unparseable: refuse this instance, keep serving the others
+            path.unlink(missing_ok=True)
+            log.warning("refused a pushed instance whose dataset could not be parsed")
+            return 0xC210
+        try:
+            return self._file(ds, request.calling_ae, lambda target: os.replace(path, target))
+        finally:
+            path.unlink(missing_ok=True)  # filed (renamed away) or refused
+
+    def _file(self, ds: Dataset, sender_ae: str, write: Callable[[Path], None]) -> int:
+        """File one pushed instance into its study's inbox folder and record the arrival."""
+        study_uid = str(ds.get("StudyInstanceUID", ""))
+        sop_uid = str(ds.get("SOPInstanceUID", ""))
         if not study_uid or not sop_uid:
             return 0xC211  # no identifiers to file it under
         folder = study_folder(self.inbox, study_uid)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(event.encoded_dataset())
-            os.replace(tmp, folder / f"{uid_hash(sop_uid)}.dcm")
+            folder.mkdir(parents=True, exist_ok=True)
+            write(folder / f"{uid_hash(sop_uid)}.dcm")
         except OSError:
-            Path(tmp).unlink(missing_ok=True)
             log.exception("could not file a pushed instance")
             return 0xA700  # out of resources: the sender may retry
         if self.on_arrival is not None:
@@ -129,7 +183,7 @@ class StoreReceiver:
                 received = len(list(folder.glob("*.dcm")))
                 arrival = Arrival(
                     study_instance_uid=study_uid,
-                    sender_ae=str(event.assoc.requestor.ae_title).strip(),
+                    sender_ae=sender_ae,
                     study_folder=folder,
                     received=received,
                     study_date=str(ds.get("StudyDate", "")),

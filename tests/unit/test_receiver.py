@@ -35,16 +35,21 @@ def studies():
     return generate_studies(seed=5, xr_size=128, ct_size=64, ct_slices=31)
 
 
-def test_only_allow_listed_senders_get_in(tmp_path, studies):
+@pytest.mark.parametrize("receiver", ["direct", "pynetdicom"])
+def test_only_allow_listed_senders_get_in(tmp_path, studies, receiver):
     arrivals = []
-    with StoreReceiver(inbox=tmp_path, allowed_aes=["MODALITY1"], on_arrival=arrivals.append) as r:
+    with StoreReceiver(
+        inbox=tmp_path, allowed_aes=["MODALITY1"], on_arrival=arrivals.append, dimse_receiver=receiver
+    ) as r:
         assert push(r.port, studies[0].instances, ae_title="INTRUDER") == []
         assert push(r.port, studies[0].instances, ae_title="MODALITY1") == [0, 0]
     folder = study_folder(tmp_path, studies[0].study_instance_uid)
     assert len(list(folder.glob("*.dcm"))) == 2
     assert [a.received for a in arrivals] == [1, 2]
     assert arrivals[0].sender_ae == "MODALITY1"
+    assert arrivals[0].modality == studies[0].header.Modality
     assert studies[0].study_instance_uid not in str(folder)
+    assert not list(tmp_path.rglob("*.part")), "nothing half-written stays behind"
 
 
 def test_an_empty_allow_list_is_refused(tmp_path):
