@@ -1,7 +1,9 @@
-"""DIMSE access to a PACS with pynetdicom: C-ECHO, C-FIND, C-GET and C-MOVE (with our own storage SCP).
+"""DIMSE access to a PACS: C-ECHO, C-FIND, C-GET and C-MOVE (with our own storage SCP).
 
-`DimseStudySource` implements the `StudySource` port. Every association is a context manager
-that always releases or aborts. pynetdicom's identifier logging (PHI) is switched off.
+`DimseStudySource` implements the `StudySource` port. Queries and requests go through pynetdicom;
+instances are received on `dimse_stream`'s path (or pynetdicom's, `dimse_receiver="pynetdicom"`).
+Every association is a context manager that always releases or aborts. pynetdicom's identifier
+logging (PHI) is switched off.
 """
 
 from __future__ import annotations
