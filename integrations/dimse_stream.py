@@ -103,7 +103,7 @@ def _us(cmd: dict[int, bytes], element: int, default: int = 0) -> int:
 
 
 def _ui(cmd: dict[int, bytes], element: int) -> str:
-    return cmd.get(element, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+    return cmd.get(element, b"").rstrip(b"\x00 ").decode("latin-1")  # byte for byte, even when malformed
 
 
 def _implicit(element: int, value: bytes) -> bytes:
@@ -111,7 +111,7 @@ def _implicit(element: int, value: bytes) -> bytes:
 
 
 def _uid_bytes(uid: str) -> bytes:
-    value = uid.encode("ascii")
+    value = uid.encode("latin-1")
     return value + b"\x00" if len(value) % 2 else value
 
 
