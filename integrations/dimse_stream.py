@@ -68,6 +68,8 @@ _RELEASE_RP_PDU = bytes([_RELEASE_RP, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _ABORT_PDU = bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # source: service user, no reason
 # rejected-permanent, by the service user, calling AE title not recognized (PS3.8 9.3.4)
 _REJECT_CALLING_AE_PDU = bytes([_ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, 1, 1, 3])
+# rejected-transient, by the service provider (presentation), local limit exceeded
+_REJECT_BUSY_PDU = bytes([_ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, 2, 3, 2])
 
 # DIMSE command fields and statuses used here
 _C_STORE_RQ, _C_GET_RSP = 0x0001, 0x8010
@@ -614,11 +616,11 @@ class _Receiver:
 
 
 class StreamingStorageServer:
-    """A storage SCP (the destination of our C-MOVEs, and `nightread listen`): one thread accepts, one thread
-    per association
-    receives, each instance streamed to where `place(request)` says, and if that placement asks for a
-    check, handed complete to `on_stored(path, request)`, which files it and returns the C-STORE status.
-    Start with start(), stop with shutdown(); `server_address` is the bound (host, port)."""
+    """A storage SCP (the destination of our C-MOVEs, and `nightread listen`): one thread accepts, one
+    thread per association receives, each instance streamed to where `place(request)` says and, if
+    that placement asks for a check, handed complete to `on_stored(path, request)`, which files it and
+    returns the C-STORE status. More than `max_associations` at once are rejected as transient (the
+    sender retries). Start with start(), stop with shutdown(); `server_address` is the bound address."""
 
     def __init__(
         self,
@@ -632,8 +634,10 @@ class StreamingStorageServer:
         transfer_syntaxes: Sequence[str],
         timeout_s: float,
         allowed_aes: Sequence[str] | None = None,
+        max_associations: int = 16,
     ) -> None:
         self.ae_title = ae_title
+        self.max_associations = max_associations
         self.allowed_aes = frozenset(a.strip() for a in allowed_aes) if allowed_aes is not None else None
         self.place, self.on_stored = place, on_stored
         self.storage_classes = frozenset(str(c) for c in storage_classes)
@@ -657,19 +661,26 @@ class StreamingStorageServer:
                 sock, _ = self._listener.accept()
             except OSError:  # the listener was closed by shutdown()
                 return
-            thread = threading.Thread(target=self._serve, args=(sock,), name="storage-scp-assoc", daemon=True)
+            with self._lock:
+                busy = len(self._threads) >= self.max_associations
+            thread = threading.Thread(target=self._serve, args=(sock, busy), name="storage-scp-assoc", daemon=True)
             with self._lock:
                 self._threads.add(thread)
                 self._sockets.add(sock)
             thread.start()
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, sock: socket.socket, busy: bool) -> None:
         sock.settimeout(self.timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         host, port = sock.getpeername()[:2]
         assoc = _Association(sock, peer="storage SCU", where=f"{host}:{port}")
         receiver: _Receiver | None = None
         try:
+            if busy:  # read the request first: closing on unread data would reset, not reject
+                assoc.read_pdu()
+                assoc.send(_REJECT_BUSY_PDU)
+                log.warning("storage SCP: association refused, %d under way already", self.max_associations)
+                return
             peer_ae = assoc.accept(
                 ae_title=self.ae_title,
                 storage_classes=self.storage_classes,

@@ -325,3 +325,29 @@ def test_hand_encoded_responses_are_the_bytes_pynetdicom_encodes(sop_instance):
     message.primitive_to_message(echo)
     ours = dimse_stream._response(0x8030, message_id=3, sop_class=sc.Verification, status=0x0000)
     assert ours == encode(message.command_set, True, True)
+
+
+def test_the_storage_scp_rejects_associations_over_its_limit_as_transient(tmp_path):
+    server = dimse_stream.StreamingStorageServer(
+        ae_title="NIGHTREAD",
+        host="127.0.0.1",
+        port=0,
+        place=lambda request: dimse_stream.Placement(tmp_path / f"{uid_hash(request.sop_instance)}.dcm"),
+        on_stored=lambda path, request: 0x0000,
+        storage_classes=RETRIEVE_STORAGE_CLASSES,
+        transfer_syntaxes=TRANSFER_SYNTAXES,
+        timeout_s=10,
+        max_associations=1,
+    ).start()
+    quiet_pynetdicom()
+    scu = AE(ae_title="PACS")
+    scu.add_requested_context(sc.Verification)
+    try:
+        first = scu.associate("127.0.0.1", server.server_address[1], ae_title="NIGHTREAD")
+        assert first.is_established
+        second = scu.associate("127.0.0.1", server.server_address[1], ae_title="NIGHTREAD")
+        assert second.is_rejected
+        assert second.acceptor.primitive.result == 0x02, "transient: the sender may try again"
+        first.release()
+    finally:
+        server.shutdown()
