@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: venv demo test lint clean fuzz bench-retrieval bench-triton bench-engine bench-render
+.PHONY: venv demo test lint clean fuzz bench-retrieval bench-triton bench-engine bench-render bench-receiver
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ fuzz: venv
 # benchmarks print figures (ratios measured side by side in one run); they assert nothing
 bench-retrieval: venv
 	$(BIN)/python -m tests.bench.retrieval
+
+bench-receiver: venv
+	$(BIN)/python -m tests.bench.receiver_memory
 
 bench-render: venv
 	$(BIN)/python -m tests.bench.render
