@@ -9,7 +9,7 @@ from pydicom import dcmread
 
 from integrations.dicomweb import DicomWebStudySource
 from integrations.errors import PeerRefused, RetrievalIncomplete
-from integrations.pacs import DimseStudySource
+from integrations.pacs import DimseStudySource, _StoreSink
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 SINCE = dt.datetime.combine(dt.date.today() - dt.timedelta(days=7), dt.time())
@@ -81,17 +81,23 @@ def test_retrieve_a_ct_study(orthanc, tmp_path, route):
     assert ds.pixel_array.shape == (256, 256) or ds.ImageType[2] == "LOCALIZER"
 
 
-def test_both_c_get_receivers_file_the_same_bytes(orthanc, tmp_path):
-    """nightread's one-thread C-GET receiver against pynetdicom's, from a PACS nobody here wrote."""
+@pytest.mark.parametrize("retrieve", ["get", "move"])
+def test_both_receivers_file_the_same_bytes(orthanc, tmp_path, retrieve, monkeypatch):
+    """nightread's receive path against pynetdicom's, from a PACS nobody here wrote (C-GET, and C-MOVE
+    to our storage SCP: Orthanc names our C-MOVE in each sub-operation, so it is filed without a parse)."""
+    parsed = []
+    file_by_header = _StoreSink.file
+    monkeypatch.setattr(_StoreSink, "file", lambda sink, *a: parsed.append(1) or file_by_header(sink, *a))
     files = {}
     for receiver in ("direct", "pynetdicom"):
-        with dimse(orthanc, dimse_receiver=receiver) as src:
+        with dimse(orthanc, dimse_receiver=receiver, retrieve=retrieve, move_port=orthanc.nightread_port) as src:
             ct = next(r for r in src.find_studies(since=SINCE) if r.modalities == ("CT",))
             got = src.retrieve_study(ct.study_instance_uid, dest=tmp_path / receiver, expected=ct.number_of_instances)
         files[receiver] = {p.name: p.read_bytes() for p in got.files}
     assert len(files["direct"]) == 33
     assert files["direct"] == files["pynetdicom"]
     assert not list((tmp_path / "direct").glob("*.part"))
+    assert parsed == [], "every instance was placed by the C-MOVE it belongs to"
 
 
 def test_undeclared_ae_title_retrieving_gets_a_clear_error(orthanc, tmp_path):
