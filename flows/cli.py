@@ -346,6 +346,7 @@ def sources_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON 
                     "kind": r.kind,
                     "address": r.url or f"{r.ae_title}@{r.host}:{r.port}",
                     "retrieve": (r.config or {}).get("retrieve") if r.kind == "dimse" else "wado-rs",
+                    "receiver": (r.config or {}).get("dimse_receiver", "direct") if r.kind == "dimse" else None,
                     "enabled": r.enabled,
                     "cursor": f"{r.cursor_date or ''} {r.cursor_time or ''}".strip() or None,
                 }
@@ -357,15 +358,11 @@ def sources_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON 
         sys.stdout.write(json.dumps(rows) + "\n")
         return
     table = Table(title="PACS sources")
-    for column in ("name", "kind", "address", "retrieve", "enabled", "cursor"):
+    columns = ("name", "kind", "address", "retrieve", "receiver", "enabled", "cursor")
+    for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(
-            *(
-                str(row[c]) if row[c] is not None else "-"
-                for c in ("name", "kind", "address", "retrieve", "enabled", "cursor")
-            )
-        )
+        table.add_row(*(str(row[c]) if row[c] is not None else "-" for c in columns))
     console.print(table)
 
 
@@ -379,6 +376,9 @@ def sources_add(
     calling_ae: Annotated[str, typer.Option(help="DIMSE: our AE title")] = "NIGHTREAD",
     retrieve: Annotated[str, typer.Option(help="DIMSE: get or move")] = "get",
     move_port: Annotated[int, typer.Option(help="DIMSE: our storage SCP port for C-MOVE")] = 0,
+    dimse_receiver: Annotated[
+        str, typer.Option(help="DIMSE: direct (nightread's receive path) or pynetdicom")
+    ] = "direct",
     url: Annotated[str | None, typer.Option(help="DICOMweb: root URL")] = None,
     modalities: Annotated[str, typer.Option(help="comma-separated, e.g. CR,DX (default: all)")] = "",
     lookback_days: Annotated[int, typer.Option(help="how far the first discovery looks back")] = 7,
@@ -401,6 +401,7 @@ def sources_add(
             calling_ae=calling_ae,  # type: ignore[arg-type]
             retrieve=retrieve,
             move_port=move_port,
+            dimse_receiver=dimse_receiver,
             url=url,
             lookback_days=lookback_days,  # type: ignore[arg-type]
             modalities=[m.strip().upper() for m in modalities.split(",") if m.strip()],

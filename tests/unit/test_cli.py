@@ -131,6 +131,8 @@ def test_sources_add_list_disable(tmp_path):
         "move",
         "--move-port",
         "11113",
+        "--dimse-receiver",
+        "pynetdicom",
         env=env,
     )
     assert r.returncode == 0, r.stderr
@@ -138,6 +140,8 @@ def test_sources_add_list_disable(tmp_path):
     assert set(rows) == {"sample-pacs", "west", "east"}  # the configured one is listed too
     assert rows["east"]["address"] == "EASTPACS@10.0.0.5:104"
     assert rows["east"]["retrieve"] == "move"
+    assert rows["east"]["receiver"] == "pynetdicom"
+    assert rows["sample-pacs"]["receiver"] == "direct"
     assert rows["west"]["kind"] == "dicomweb"
     assert run("sources", "disable", "west", env=env).returncode == 0
     assert run("sources", "disable", "sample-pacs", env=env).returncode == 0
@@ -153,6 +157,9 @@ def test_sources_add_list_disable(tmp_path):
     bad = run("sources", "add", "y", "--retrieve", "teleport", env=env)
     assert bad.returncode == 2
     assert "retrieve" in bad.stderr
+    bad = run("sources", "add", "z", "--dimse-receiver", "fast", env=env)
+    assert bad.returncode == 2
+    assert "dimse_receiver" in bad.stderr
 
 
 def _serve(args: list[str], env: dict[str, str], ready, timeout: float = 120.0) -> None:
