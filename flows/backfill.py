@@ -28,13 +28,11 @@ from db.cohort import run_cohort
 from db.models import Backfill, Image, Study, StudyStatus, utcnow
 from db.session import session_scope
 from flows.annotate import _transient_only, annotate_images, check_promoted, process_study
+from flows.discovery import find_day
 from flows.nightly import register_refs
 from flows.runtime import Runtime
 from flows.settings import NightreadSettings, parse_window
 from integrations.errors import ConfigurationError
-from integrations.ports import StudyRef, StudySource
-
-MIN_WINDOW_S = 60  # a window is never split below one minute
 
 
 def now() -> dt.datetime:
@@ -71,38 +69,6 @@ class RateLimit:
             self._next = max(t, self._next) + self.interval
         if wait:
             self._sleep(wait)
-
-
-def _seconds(hhmmss: str) -> int:
-    return int(hhmmss[:2]) * 3600 + int(hhmmss[2:4]) * 60 + int(hhmmss[4:6])
-
-
-def _hhmmss(seconds: int) -> str:
-    return f"{seconds // 3600:02d}{seconds % 3600 // 60:02d}{seconds % 60:02d}"
-
-
-def find_day(
-    source: StudySource, *, day: str, modalities: Sequence[str], limit: int, counts: Counter[str]
-) -> list[StudyRef]:
-    """All studies of one day, splitting the day into time windows while an answer reaches `limit`."""
-    found: dict[str, StudyRef] = {}
-
-    def query(lo: int, hi: int) -> None:
-        time_range = None if (lo, hi) == (0, 86399) else (_hhmmss(lo), _hhmmss(hi))
-        refs = source.find_studies_on(date=day, time_range=time_range, modalities=modalities)
-        counts["queries"] += 1
-        if len(refs) >= limit and hi - lo >= MIN_WINDOW_S:
-            mid = (lo + hi) // 2
-            query(lo, mid)
-            query(mid + 1, hi)
-            return
-        if len(refs) >= limit:
-            counts["windows_at_limit"] += 1  # cannot split further: the PACS may hold more
-        for r in refs:
-            found.setdefault(r.study_instance_uid, r)
-
-    query(0, 86399)
-    return sorted(found.values(), key=lambda r: r.sort_key)
 
 
 @task(name="backfill-day", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)

@@ -17,6 +17,7 @@ from db import repository as repo
 from db.models import PacsSource, utcnow
 from db.session import session_scope
 from flows.annotate import _transient_only, check_promoted, process_study
+from flows.discovery import find_since
 from flows.runtime import Runtime
 from flows.settings import NightreadSettings
 from integrations.ports import StudyRef
@@ -61,13 +62,20 @@ def discover_studies(rt: Runtime, source_id: int) -> dict[str, int]:
         source = session.get(PacsSource, source_id)
         assert source is not None
         since = _since(source, p.lookback_days)
-    refs = rt.source(source_id).find_studies(since=since, modalities=p.modalities)
+    counts: Counter[str] = Counter()
+    refs = find_since(
+        rt.source(source_id),
+        since=since,
+        modalities=p.modalities,
+        limit=rt.settings.backfill.result_limit,
+        counts=counts,
+    )
     with session_scope(rt.engine) as session:
         new = register_refs(session=session, source_id=source_id, refs=refs)
         if refs:
             date, time_ = max(r.sort_key for r in refs)
             repo.move_cursor(session=session, source_id=source_id, date=date, time=time_)
-    return {"found": len(refs), "new": new}
+    return {"found": len(refs), "new": new, "discovery_queries": counts["queries"]}
 
 
 @flow(name="nightly", log_prints=False)

@@ -199,7 +199,7 @@ class BackfillSettings(BaseModel):
     result_limit: int = Field(
         default=500,
         ge=1,
-        description="the PACS's C-FIND result cap: a day with this many answers is split in time windows",
+        description="the PACS's query result cap: a period with this many answers is asked again in pieces",
     )
     window: str | None = Field(
         default=None, description="off-peak hours HH:MM-HH:MM (e.g. 19:00-07:00); outside them a backfill pauses"

@@ -97,10 +97,11 @@ class DicomWebStudySource:
             raise TransientError(f"{operation}: cannot reach {self.url} ({type(exc).__name__})") from exc
 
     def _paged(self, operation: str, search: Any) -> list[dict[str, Any]]:
-        """All results of a QIDO-RS search, page by page with an explicit limit and offset.
-
-        dicomweb-client's own `get_remaining` sends only an offset, which some servers (Orthanc 1.10 with
-        a ModalitiesInStudy filter) ignore, so it never ends; a page that repeats what we have also ends."""
+        """All results of a QIDO-RS search, page by page with an explicit limit and offset, until an empty
+        page. A page shorter than asked is not the end: a server with a result cap (Orthanc's
+        LimitFindResults) answers every page short. dicomweb-client's own `get_remaining` sends only an
+        offset, which some servers (Orthanc 1.10 with a ModalitiesInStudy filter) ignore, so it never
+        ends; a page that repeats what we have also ends."""
         out: list[dict[str, Any]] = []
         seen: set[str] = set()
         offset = 0
@@ -110,7 +111,7 @@ class DicomWebStudySource:
             fresh = [a for a in page if _identity(a) not in seen]
             seen.update(_identity(a) for a in fresh)
             out.extend(fresh)
-            if len(page) < self.page_size or not fresh:
+            if not fresh:
                 return out
             offset += len(page)
 

@@ -4,6 +4,7 @@
     ├── TransientError        retried by the flows (network, busy peer, incomplete transfer)
     │   └── RetrievalIncomplete
     └── PermanentError        recorded as a failure, never retried
+        ├── ResultsCapped      the PACS stopped matching at its result cap: narrow the query
         ├── ConfigurationError
         ├── PeerRefused        the peer answered and said no (unknown AE, bad request)
         ├── DecodeError        a DICOM object that cannot be decoded or rendered
@@ -13,6 +14,8 @@ Messages never carry PHI: no patient names, IDs, accession numbers or raw UIDs.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class NightreadError(Exception):
@@ -34,6 +37,15 @@ class RetrievalIncomplete(TransientError):
 
 class PermanentError(NightreadError):
     """Retrying will not help; the failure is recorded."""
+
+
+class ResultsCapped(PermanentError):
+    """The PACS stopped a query at its result cap (Orthanc's LimitFindResults answers C-FIND with
+    status 0xFE00): the answers it sent are in `partial`; a narrower query gets the rest."""
+
+    def __init__(self, *, operation: str, partial: list[Any]) -> None:
+        super().__init__(f"{operation}: the PACS stopped after {len(partial)} answers (its result cap)")
+        self.partial = partial
 
 
 class ConfigurationError(PermanentError):

@@ -47,7 +47,7 @@ from pynetdicom import AE, _config, build_role, evt
 from pynetdicom import sop_class as sc
 
 from integrations import dimse_stream
-from integrations.errors import PeerRefused, RetrievalIncomplete, TransientError
+from integrations.errors import PeerRefused, ResultsCapped, RetrievalIncomplete, TransientError
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
 from integrations.query import int_of, series_ref, studies_since, study_ref, text_of, uid_hash
 
@@ -426,9 +426,20 @@ class DimseStudySource:
                 if code in (0xFF00, 0xFF01):
                     if ds is not None:
                         out.append(ds)
+                elif code == 0xFE00:  # "cancelled", though we never cancel: the PACS's result cap
+                    raise ResultsCapped(operation=f"C-FIND at PACS {self.called_ae}", partial=out)
                 elif code != 0x0000:
                     raise _status_error("C-FIND", status, self.called_ae, self.calling_ae)
         return out
+
+    def _studies(self, date: str, time: str, modalities: Sequence[str], since: dt.datetime | None) -> list[StudyRef]:
+        """A study-level C-FIND as refs; a capped answer raises ResultsCapped with the refs it holds."""
+        try:
+            answers = self._study_query(date, time, modalities)
+        except ResultsCapped as capped:
+            partial = studies_since((study_ref(ds) for ds in capped.partial), since=since, modalities=modalities)
+            raise ResultsCapped(operation=f"C-FIND at PACS {self.called_ae}", partial=partial) from None
+        return studies_since((study_ref(ds) for ds in answers), since=since, modalities=modalities)
 
     def _study_query(self, date: str, time: str, modalities: Sequence[str]) -> list[Dataset]:
         q = Dataset()
@@ -443,15 +454,13 @@ class DimseStudySource:
         return self._find(q)
 
     def find_studies(self, *, since: dt.datetime | None, modalities: Sequence[str] = ()) -> list[StudyRef]:
-        answers = self._study_query(f"{since:%Y%m%d}-" if since else "", "", modalities)
-        return studies_since((study_ref(ds) for ds in answers), since=since, modalities=modalities)
+        return self._studies(f"{since:%Y%m%d}-" if since else "", "", modalities, since)
 
     def find_studies_on(
         self, *, date: str, time_range: tuple[str, str] | None = None, modalities: Sequence[str] = ()
     ) -> list[StudyRef]:
         """Studies of one day (YYYYMMDD), optionally within StudyTime HHMMSS-HHMMSS (backfill windows)."""
-        answers = self._study_query(date, f"{time_range[0]}-{time_range[1]}" if time_range else "", modalities)
-        return studies_since((study_ref(ds) for ds in answers), since=None, modalities=modalities)
+        return self._studies(date, f"{time_range[0]}-{time_range[1]}" if time_range else "", modalities, None)
 
     def find_series(self, study_instance_uid: str) -> list[SeriesRef]:
         q = Dataset()
@@ -472,7 +481,10 @@ class DimseStudySource:
         dest.mkdir(parents=True, exist_ok=True)
         identifiers = [self._identifier(study_instance_uid)]
         if self.parallel > 1 and (expected is None or expected >= 2 * self.parallel):
-            sops = self._instance_uids(study_instance_uid)
+            try:
+                sops = self._instance_uids(study_instance_uid)
+            except ResultsCapped:  # the PACS will not list every instance: retrieve the study whole
+                sops = []
             if len(sops) >= 2 * self.parallel:
                 identifiers = [self._identifier(study_instance_uid, chunk) for chunk in _chunks(sops, self.parallel)]
         if self.retrieve == "move":

@@ -537,9 +537,12 @@ class SamplePacs:
         seed: int = 7,
         include_corrupt: bool = False,
         max_find_results: int | None = None,
+        signal_cap: bool = False,
     ) -> None:
-        # like a PACS's C-FIND result cap (Orthanc's LimitFindResults): at most this many answers
+        # like a PACS's C-FIND result cap: at most this many answers, then either a plain success (a
+        # silent cap) or, with `signal_cap`, status 0xFE00 as Orthanc's LimitFindResults answers
         self.max_find_results = max_find_results
+        self.signal_cap = signal_cap
         self.finds = 0
         self.archive = SampleArchive(
             studies if studies is not None else generate_studies(seed=seed, include_corrupt=include_corrupt)
@@ -621,6 +624,7 @@ class SamplePacs:
             return
         with self._lock:
             self.finds += 1
+        capped = self.max_find_results is not None and len(matches) > self.max_find_results
         if self.max_find_results is not None:
             matches = matches[: self.max_find_results]
         for ds in matches:
@@ -628,6 +632,8 @@ class SamplePacs:
                 yield 0xFE00, None
                 return
             yield 0xFF00, ds
+        if capped and self.signal_cap:
+            yield 0xFE00, None
 
     def _on_get(self, event: Any) -> Iterator[Any]:
         instances = self.archive.instances_for(event.identifier)

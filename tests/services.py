@@ -163,6 +163,7 @@ class Orthanc:
     nightread_port: int
     aet: str = "ORTHANC"
     proc: subprocess.Popen[bytes] | None = None
+    extra_config: dict[str, object] | None = None  # e.g. {"LimitFindResults": 2}
 
     @property
     def url(self) -> str:
@@ -203,6 +204,7 @@ class Orthanc:
                 },
             }
         )
+        cfg.update(self.extra_config or {})
         return cfg
 
     def start(self) -> None:

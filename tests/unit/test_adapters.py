@@ -66,3 +66,25 @@ def test_remote_code_only_for_allow_listed_checkpoints():
     assert not remote_code_allowed("org/custom-vlm", [])
     assert not remote_code_allowed("org/custom-vlm", ["org/other"])
     assert remote_code_allowed("org/custom-vlm", ["org/custom-vlm"])
+
+
+def test_qido_paging_goes_on_past_short_pages():
+    """A server that answers at most two results a page (but honours the offset) still gives all of
+    them; paging ends at an empty page, or at a page that only repeats what came before."""
+    from integrations.dicomweb import DicomWebStudySource
+
+    answers = [{"0020000D": {"vr": "UI", "Value": [f"1.2.{i}"]}} for i in range(7)]
+    web = DicomWebStudySource(name="w", url="http://127.0.0.1:9/dicom-web")
+    asked: list[tuple[int, int]] = []
+
+    def capped(limit: int, offset: int) -> list[dict]:
+        asked.append((limit, offset))
+        return answers[offset : offset + min(limit, 2)]
+
+    assert web._paged("QIDO-RS", capped) == answers
+    assert asked[-1] == (500, 7), "ended by an empty page"
+
+    def ignores_offset(limit: int, offset: int) -> list[dict]:
+        return answers[:2]
+
+    assert web._paged("QIDO-RS", ignores_offset) == answers[:2]

@@ -13,6 +13,7 @@ from db.migrate import upgrade
 from db.models import Backfill, Finding, ModelVersion, Run, Study
 from db.session import make_engine
 from flows import backfill as bf
+from flows.discovery import find_day
 from integrations.ports import StudyRef
 from integrations.sample_pacs import SamplePacs, generate_studies
 
@@ -59,12 +60,12 @@ def test_a_day_over_the_result_cap_is_split_into_windows():
     times = ["080000", "091500", "133000", "160000", "233000"]
     source = CappedSource(times, limit=2)
     counts: Counter[str] = Counter()
-    refs = bf.find_day(source, day="20260101", modalities=[], limit=2, counts=counts)
+    refs = find_day(source, day="20260101", modalities=[], limit=2, counts=counts)
     assert sorted(r.study_time for r in refs) == times, "every study found despite the cap"
     assert counts["queries"] == len(source.queries) > 1
     assert counts["windows_at_limit"] == 0
     crowded = CappedSource(["080000", "080000", "080000"], limit=2)
-    bf.find_day(crowded, day="20260101", modalities=[], limit=2, counts=counts)
+    find_day(crowded, day="20260101", modalities=[], limit=2, counts=counts)
     assert counts["windows_at_limit"] == 1, "a one-minute window still at the cap is counted, not looped on"
 
 
