@@ -104,30 +104,16 @@ def postgres_url(postgres, request) -> str:  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Orthanc (Debian's package) with our config and the DICOMweb plugin, seeded with synthetic studies."""
-    import io
-
-    from pydicom import dcmwrite
-
     from integrations.sample_pacs import generate_studies
-    from tests.services import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
+    from tests.services import DICOMWEB_PLUGIN, ORTHANC, Orthanc
 
     if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
         require_or_skip("Orthanc with the DICOMweb plugin (apt-get install orthanc orthanc-dicomweb)")
-    server = Orthanc(
-        folder=tmp_path_factory.mktemp("orthanc"),
-        http_port=free_port(),
-        dicom_port=free_port(),
-        nightread_ae="NIGHTREAD",
-        nightread_port=free_port(),
-    )
+    server = Orthanc.on_free_ports(tmp_path_factory.mktemp("orthanc"))
     server.start()
     try:
         studies = generate_studies(seed=11, include_corrupt=True, xr_size=512, ct_size=256)
-        for study in studies:
-            for ds in study.instances:
-                buf = io.BytesIO()
-                dcmwrite(buf, ds, enforce_file_format=True)
-                server.upload(buf.getvalue())
+        server.upload_datasets(ds for study in studies for ds in study.instances)
         server.studies = studies  # type: ignore[attr-defined]
         yield server
     finally:

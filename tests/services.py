@@ -6,6 +6,7 @@ sleeping a fixed time), and is stopped by the fixture that started it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -15,9 +16,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
 
 REPO = Path(__file__).resolve().parents[1]
 PG_BIN_CANDIDATES = [Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15, 14)]
@@ -165,6 +170,18 @@ class Orthanc:
     proc: subprocess.Popen[bytes] | None = None
     extra_config: dict[str, object] | None = None  # e.g. {"LimitFindResults": 2}
 
+    @classmethod
+    def on_free_ports(cls, folder: Path, **kwargs: Any) -> Orthanc:
+        """An Orthanc in `folder` on free loopback ports, knowing nightread as NIGHTREAD (not started)."""
+        return cls(
+            folder=folder,
+            http_port=free_port(),
+            dicom_port=free_port(),
+            nightread_ae="NIGHTREAD",
+            nightread_port=free_port(),
+            **kwargs,
+        )
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
@@ -222,6 +239,12 @@ class Orthanc:
     def ready(self) -> bool:
         with urllib.request.urlopen(f"{self.url}/system", timeout=2) as r:
             return bool(r.status == 200)
+
+    def upload_datasets(self, datasets: Iterable[Dataset]) -> None:
+        for ds in datasets:
+            buf = io.BytesIO()
+            dcmwrite(buf, ds, enforce_file_format=True)
+            self.upload(buf.getvalue())
 
     def upload(self, data: bytes) -> None:
         req = urllib.request.Request(

@@ -27,7 +27,7 @@ from pydicom.uid import CTImageStorage, DigitalXRayImageStorageForPresentation, 
 
 from integrations.dicomweb import DicomWebStudySource
 from integrations.pacs import DimseStudySource
-from tests.services import Orthanc, free_port
+from tests.services import Orthanc
 
 
 def _ds(
@@ -126,13 +126,7 @@ def main() -> None:
     if shutil.which("getscu") is None:
         sys.exit("getscu not found: apt-get install dcmtk")
     folder = Path(tempfile.mkdtemp(prefix="bench-orthanc-"))
-    orthanc = Orthanc(
-        folder=folder,
-        http_port=free_port(),
-        dicom_port=free_port(),
-        nightread_ae="NIGHTREAD",
-        nightread_port=free_port(),
-    )
+    orthanc = Orthanc.on_free_ports(folder)
     orthanc.start()
     try:
         datasets = seed(orthanc, ct_slices=args.ct_slices, dx_images=args.dx_images)

@@ -5,13 +5,11 @@ Every study must still be found, by the nightly discovery and by the backfill's 
 from __future__ import annotations
 
 import datetime as dt
-import io
 import shutil
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from pydicom import dcmwrite
 
 from flows.discovery import find_day, find_since
 from integrations.dicomweb import DicomWebStudySource
@@ -19,7 +17,7 @@ from integrations.errors import ResultsCapped
 from integrations.pacs import DimseStudySource
 from integrations.sample_pacs import SampleStudy, generate_studies
 from tests.conftest import require_or_skip
-from tests.services import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
+from tests.services import DICOMWEB_PLUGIN, ORTHANC, Orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 TODAY = dt.date.today()
@@ -39,21 +37,10 @@ def capped_orthanc(tmp_path_factory: pytest.TempPathFactory, studies: list[Sampl
     if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
         require_or_skip("Orthanc with the DICOMweb plugin (apt-get install orthanc orthanc-dicomweb)")
     folder = tmp_path_factory.mktemp("orthanc-capped")
-    server = Orthanc(
-        folder=folder,
-        http_port=free_port(),
-        dicom_port=free_port(),
-        nightread_ae="NIGHTREAD",
-        nightread_port=free_port(),
-        extra_config={"LimitFindResults": 2},
-    )
+    server = Orthanc.on_free_ports(folder, extra_config={"LimitFindResults": 2})
     server.start()
     try:
-        for study in studies:
-            for ds in study.instances:
-                buf = io.BytesIO()
-                dcmwrite(buf, ds, enforce_file_format=True)
-                server.upload(buf.getvalue())
+        server.upload_datasets(ds for study in studies for ds in study.instances)
         yield server
     finally:
         server.stop()
