@@ -260,6 +260,7 @@ class _Association:
         self.peer, self.where = peer, where
         self.max_send = 0  # the peer's maximum PDU length (0: unlimited)
         self.transfer_syntax: dict[int, str] = {}  # accepted context id -> transfer syntax
+        self.established = False  # an A-ABORT only means something on an established association
 
     def send(self, data: bytes) -> None:
         try:
@@ -306,6 +307,7 @@ class _Association:
         ac.decode(bytes([pdu_type, 0]) + len(body).to_bytes(4, "big") + body)
         accepted = ac.to_primitive()
         self.max_send = int(getattr(accepted, "maximum_length_received", 0) or 0)
+        self.established = True
         for context in accepted.presentation_context_definition_results_list:
             if context.result == 0 and context.context_id in proposed and context.transfer_syntax:
                 self.transfer_syntax[int(context.context_id)] = str(context.transfer_syntax[0])
@@ -367,11 +369,14 @@ class _Association:
         ac = A_ASSOCIATE_AC()
         ac.from_primitive(answer)
         self.send(ac.encode())
+        self.established = True
         return calling_ae
 
     def abort(self) -> None:
-        with suppress(OSError):
-            self.sock.sendall(_ABORT_PDU)
+        """A-ABORT an established association (a rejected or unanswered one is simply closed)."""
+        if self.established:
+            with suppress(OSError):
+                self.sock.sendall(_ABORT_PDU)
 
     def close(self) -> None:
         with suppress(OSError):
