@@ -8,6 +8,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -315,45 +317,60 @@ def _flow_settings() -> NightreadSettings:
     summary) and the database schema at head."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     settings = _settings()
-    _engine_at_head(settings).dispose()
+    _upgrade(settings)
     return settings
 
 
-def _engine_at_head(settings: NightreadSettings) -> Any:
+def _upgrade(settings: NightreadSettings) -> None:
+    """The database at its latest migration (a no-op when it is there already)."""
     from db.migrate import upgrade
-    from db.session import make_engine
 
     upgrade(settings.database_url)
+
+
+def _engine_at_head(settings: NightreadSettings) -> Any:
+    from db.session import make_engine
+
+    _upgrade(settings)
     return make_engine(settings.database_url)
+
+
+@contextmanager
+def _database(settings: NightreadSettings | None = None) -> Iterator[Any]:
+    """A session on the database at its latest migration: committed when the block ends, rolled back
+    on an error; the engine is disposed either way."""
+    from db.session import session_scope
+
+    engine = _engine_at_head(settings or _settings())
+    try:
+        with session_scope(engine) as session:
+            yield session
+    finally:
+        engine.dispose()
 
 
 @sources_app.command("list")
 def sources_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON array")] = False) -> None:
     """Every source: from settings (NIGHTREAD_SOURCES / NIGHTREAD_PACS__*) and added with `sources add`."""
     from db import repository as repo
-    from db.session import session_scope
     from flows.runtime import source_row
 
     settings = _settings()
-    engine = _engine_at_head(settings)
-    try:
-        with session_scope(engine) as session:
-            for p in settings.configured_sources():
-                repo.upsert_source(session=session, **source_row(p))
-            rows = [
-                {
-                    "name": r.name,
-                    "kind": r.kind,
-                    "address": r.url or f"{r.ae_title}@{r.host}:{r.port}",
-                    "retrieve": (r.config or {}).get("retrieve") if r.kind == "dimse" else "wado-rs",
-                    "receiver": (r.config or {}).get("dimse_receiver", "direct") if r.kind == "dimse" else None,
-                    "enabled": r.enabled,
-                    "cursor": f"{r.cursor_date or ''} {r.cursor_time or ''}".strip() or None,
-                }
-                for r in repo.list_sources(session=session)
-            ]
-    finally:
-        engine.dispose()
+    with _database(settings) as session:
+        for p in settings.configured_sources():
+            repo.upsert_source(session=session, **source_row(p))
+        rows = [
+            {
+                "name": r.name,
+                "kind": r.kind,
+                "address": r.url or f"{r.ae_title}@{r.host}:{r.port}",
+                "retrieve": (r.config or {}).get("retrieve") if r.kind == "dimse" else "wado-rs",
+                "receiver": (r.config or {}).get("dimse_receiver", "direct") if r.kind == "dimse" else None,
+                "enabled": r.enabled,
+                "cursor": f"{r.cursor_date or ''} {r.cursor_time or ''}".strip() or None,
+            }
+            for r in repo.list_sources(session=session)
+        ]
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
         return
@@ -387,7 +404,6 @@ def sources_add(
     from pydantic import ValidationError
 
     from db import repository as repo
-    from db.session import session_scope
     from flows.runtime import source_row
     from flows.settings import PacsSettings
 
@@ -411,13 +427,8 @@ def sources_add(
         raise _fail(
             f"invalid source: {'.'.join(str(p) for p in first['loc']) or 'source'}: {first['msg']}", 2
         ) from None
-    settings = _settings()
-    engine = _engine_at_head(settings)
-    try:
-        with session_scope(engine) as session:
-            repo.upsert_source(session=session, **source_row(pacs))
-    finally:
-        engine.dispose()
+    with _database() as session:
+        repo.upsert_source(session=session, **source_row(pacs))
     console.print(f"source {name!r} ({kind}) saved")
 
 
@@ -425,19 +436,13 @@ def _set_enabled(name: str, enabled: bool) -> None:
     from sqlmodel import select
 
     from db.models import PacsSource
-    from db.session import session_scope
 
-    settings = _settings()
-    engine = _engine_at_head(settings)
-    try:
-        with session_scope(engine) as session:
-            row = session.exec(select(PacsSource).where(PacsSource.name == name)).first()
-            if row is None:
-                raise _fail(f"no source named {name!r} (see `nightread sources list`)")
-            row.enabled = enabled
-            session.add(row)
-    finally:
-        engine.dispose()
+    with _database() as session:
+        row = session.exec(select(PacsSource).where(PacsSource.name == name)).first()
+        if row is None:
+            raise _fail(f"no source named {name!r} (see `nightread sources list`)")
+        row.enabled = enabled
+        session.add(row)
     console.print(f"source {name!r} {'enabled' if enabled else 'disabled'}")
 
 
@@ -618,8 +623,7 @@ def rules_explain(
     from integrations.query import uid_hash
 
     settings = _settings()
-    engine = _engine_at_head(settings)
-    engine.dispose()
+    _upgrade(settings)
     with Runtime.build(settings) as rt:
         rt.register_sources()
         with session_scope(rt.engine) as session:
@@ -798,7 +802,6 @@ def users_add(
 ) -> None:
     """Add a user; the password comes from stdin (`--password-stdin`) or a hidden prompt."""
     from db import reviews
-    from db.session import session_scope
     from review.auth import hash_password
 
     if password_stdin:
@@ -809,14 +812,11 @@ def users_add(
         hashed = hash_password(password)
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
-    engine = _engine_at_head(_settings())
     try:
-        with session_scope(engine) as session:
+        with _database() as session:
             reviews.add_user(session=session, name=name, role=role, password_hash=hashed)
     except reviews.ReviewError as exc:
         raise _fail(str(exc), 2) from None
-    finally:
-        engine.dispose()
     console.print(f"user {name} added ({role})")
 
 
@@ -824,15 +824,12 @@ def users_add(
 def users_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON array")] = False) -> None:
     """Every user with role and state (never a password hash)."""
     from db import reviews
-    from db.session import session_scope
 
-    engine = _engine_at_head(_settings())
-    with session_scope(engine) as session:
+    with _database() as session:
         rows: list[dict[str, Any]] = [
             {"name": u.name, "role": u.role, "disabled": u.disabled, "created_at": u.created_at.isoformat()}
             for u in reviews.list_users(session=session)
         ]
-    engine.dispose()
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
         return
@@ -848,16 +845,12 @@ def users_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON ar
 def users_disable(name: Annotated[str, typer.Argument(help="user name")]) -> None:
     """Disable a user: they can no longer log in, and their sessions and tokens stop working."""
     from db import reviews
-    from db.session import session_scope
 
-    engine = _engine_at_head(_settings())
     try:
-        with session_scope(engine) as session:
+        with _database() as session:
             reviews.disable_user(session=session, name=name)
     except reviews.ReviewError as exc:
         raise _fail(str(exc), 2) from None
-    finally:
-        engine.dispose()
     console.print(f"user {name} disabled")
 
 
@@ -869,12 +862,9 @@ def audit_export(
     import csv
 
     from db import reviews
-    from db.session import session_scope
 
-    engine = _engine_at_head(_settings())
-    with session_scope(engine) as session:
+    with _database() as session:
         rows = reviews.audit_rows(session=session)
-    engine.dispose()
     fields = [
         "review_id",
         "at",
@@ -1079,12 +1069,11 @@ def validate(
 @models_app.command("list")
 def models_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON array")] = False) -> None:
     """Model versions with their temperature, latest validation and promotion."""
-    from sqlmodel import Session, col, select
+    from sqlmodel import col, select
 
     from db.models import ModelVersion, ValidationRun
 
-    engine = _engine_at_head(_settings())
-    with Session(engine) as session:
+    with _database() as session:
         rows: list[dict[str, Any]] = []
         for mv in session.exec(select(ModelVersion).order_by(col(ModelVersion.id))).all():
             run = session.exec(
@@ -1111,7 +1100,6 @@ def models_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON a
                     },
                 }
             )
-    engine.dispose()
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
         return
@@ -1217,7 +1205,7 @@ def serve(
     from flows.serve import build_deployments, local_prefect_server
 
     settings = _settings()
-    _engine_at_head(settings).dispose()
+    _upgrade(settings)
     if os.environ.get("PREFECT_API_URL") or not server:
         prefect_serve(*build_deployments(settings, cron=cron, timezone=timezone))
         return
@@ -1247,7 +1235,7 @@ def deid_reidentify(pseudonym: Annotated[str, typer.Argument(help="a pseudonym f
     from flows.runtime import Runtime
 
     settings = _settings()
-    _engine_at_head(settings).dispose()
+    _upgrade(settings)
     with Runtime.build(settings) as rt:
         found = reidentify(rt, pseudonym)
     if not found:
