@@ -221,7 +221,7 @@ class _StoreSink:
         self._moves: dict[int, Path] = {}  # our C-MOVE's Message ID -> folder
         self.rejected = 0
         self.ae_title = ""  # ours, as the PACS names it in Move Originator AE Title
-        self.staging: Path | None = None
+        self.staging: Path | None = None  # instances of unknown origin wait here (made with the SCP, gone on close)
 
     def register(self, study_uid: str, folder: Path) -> None:
         with self._lock:
@@ -331,7 +331,6 @@ class DimseStudySource:
         if dimse_receiver not in ("direct", "pynetdicom"):
             raise ValueError(f'dimse_receiver must be "direct" or "pynetdicom", not {dimse_receiver!r}')
         self.dimse_receiver = dimse_receiver
-        self._staging: Path | None = None
         self._move_ids = itertools.count()
         self.name = name
         self.host, self.port = host, port
@@ -362,9 +361,9 @@ class DimseStudySource:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
-            if self._staging is not None:
-                shutil.rmtree(self._staging, ignore_errors=True)
-                self._staging = None
+            if self._sink.staging is not None:
+                shutil.rmtree(self._sink.staging, ignore_errors=True)
+                self._sink.staging = None
 
     def _process_pool(self) -> ProcessPoolExecutor:
         """Worker processes for parallel C-GET (started once, kept until close())."""
@@ -581,8 +580,8 @@ class DimseStudySource:
                 return
             host = "127.0.0.1" if self.host in ("127.0.0.1", "localhost") else "0.0.0.0"
             if self.dimse_receiver == "direct":
-                self._staging = Path(tempfile.mkdtemp(prefix="nightread-move-"))
-                self._sink.ae_title, self._sink.staging = self.calling_ae, self._staging
+                self._sink.ae_title = self.calling_ae
+                self._sink.staging = Path(tempfile.mkdtemp(prefix="nightread-move-"))
                 self._move_server = dimse_stream.StreamingStorageServer(
                     ae_title=self.calling_ae,
                     host=host,
