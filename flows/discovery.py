@@ -66,13 +66,12 @@ def find_since(
     `today` (each day split as `find_day` does). Without `since` there is no period to split."""
     try:
         refs = source.find_studies(since=since, modalities=modalities)
-        counts["queries"] += 1
-        if len(refs) < limit or since is None:
-            return refs
+        capped = len(refs) >= limit
     except ResultsCapped as exc:
-        counts["queries"] += 1
-        if since is None:
-            return list(exc.partial)
+        refs, capped = list(exc.partial), True
+    counts["queries"] += 1
+    if not capped or since is None:
+        return refs
     counts["capped_periods"] += 1
     found: dict[str, StudyRef] = {}
     day, last = since.date(), today or dt.date.today()

@@ -98,8 +98,9 @@ class DicomWebStudySource:
 
     def _paged(self, operation: str, search: Any) -> list[dict[str, Any]]:
         """All results of a QIDO-RS search, page by page with an explicit limit and offset, until an empty
-        page. A page shorter than asked is not the end: a server with a result cap (Orthanc's
-        LimitFindResults) answers every page short. dicomweb-client's own `get_remaining` sends only an
+        page. A page shorter than asked is not the end: a server may cap its pages below the limit asked
+        for. (A cap on the whole answer, as Orthanc's LimitFindResults sets, no paging can get past:
+        `flows.discovery` narrows the query instead.) dicomweb-client's own `get_remaining` sends only an
         offset, which some servers (Orthanc 1.10 with a ModalitiesInStudy filter) ignore, so it never
         ends; a page that repeats what we have also ends."""
         out: list[dict[str, Any]] = []
