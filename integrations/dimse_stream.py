@@ -52,6 +52,7 @@ from integrations.errors import PeerRefused, TransientError
 
 log = logging.getLogger(__name__)
 
+RECEIVERS = ("direct", "pynetdicom")  # this module's receive path, or pynetdicom's own
 APPLICATION_CONTEXT = UID("1.2.840.10008.3.1.1.1")
 STUDY_ROOT_GET = UID("1.2.840.10008.5.1.4.1.2.2.3")
 VERIFICATION = "1.2.840.10008.1.1"
@@ -189,6 +190,13 @@ class Placement:
 
     path: Path
     check: bool = False
+
+
+def receiver_choice(value: str) -> str:
+    """`value` if it names a receiver (RECEIVERS), else a ValueError naming the choices."""
+    if value not in RECEIVERS:
+        raise ValueError(f'dimse_receiver must be "direct" or "pynetdicom", not {value!r}')
+    return value
 
 
 class _Incoming:

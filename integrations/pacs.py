@@ -328,9 +328,7 @@ class DimseStudySource:
     ) -> None:
         if retrieve not in ("get", "move"):
             raise ValueError(f'retrieve must be "get" or "move", not {retrieve!r}')
-        if dimse_receiver not in ("direct", "pynetdicom"):
-            raise ValueError(f'dimse_receiver must be "direct" or "pynetdicom", not {dimse_receiver!r}')
-        self.dimse_receiver = dimse_receiver
+        self.dimse_receiver = dimse_stream.receiver_choice(dimse_receiver)
         self._move_ids = itertools.count()
         self.name = name
         self.host, self.port = host, port

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
-from integrations.dimse_stream import Placement, StoreRequest, StreamingStorageServer
+from integrations.dimse_stream import Placement, StoreRequest, StreamingStorageServer, receiver_choice
 from integrations.errors import ConfigurationError, RetrievalIncomplete
 from integrations.pacs import RETRIEVE_STORAGE_CLASSES, TRANSFER_SYNTAXES, quiet_pynetdicom
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
@@ -66,8 +66,7 @@ class StoreReceiver:
         dimse_receiver: str = "direct",
         timeout_s: float = 60.0,
     ) -> None:
-        if dimse_receiver not in ("direct", "pynetdicom"):
-            raise ValueError(f'dimse_receiver must be "direct" or "pynetdicom", not {dimse_receiver!r}')
+        receiver_choice(dimse_receiver)
         if not allowed_aes:
             raise ConfigurationError("the C-STORE receiver needs at least one allowed calling AE title")
         self.inbox = Path(inbox)
