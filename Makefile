@@ -3,23 +3,37 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch first, from the versions this project is tested with (override on other machines/GPUs)
-TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
+# Every package comes from requirements.lock (exact versions and hashes, made by `make lock` with uv);
+# pip takes torch and torchvision from this machine's local wheels when it has them.
+LOCK := requirements.lock
+LOCK_PLATFORM := x86_64-manylinux_2_35
 STAMP := $(VENV)/.installed
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: venv demo test lint clean fuzz bench-retrieval bench-triton bench-engine bench-render bench-receiver
+.PHONY: venv lock check-lock demo test lint clean fuzz bench-retrieval bench-triton bench-engine bench-render bench-receiver
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_PACKAGES)
-	$(BIN)/python -m pip install -q -e ".[inference,triton,dev]"
+	$(BIN)/python -m tests.lockfile --extraneous | xargs -r $(BIN)/python -m pip uninstall -q -y
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m tests.lockfile --check
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# refresh the lock to the newest releases pyproject.toml (and requirements-lock.in) allow; then
+# `make test`, and commit pyproject.toml, requirements-lock.in and requirements.lock together
+lock: venv
+	$(BIN)/uv pip compile pyproject.toml requirements-lock.in --extra inference --extra triton --extra dev \
+		--python-version 3.11 --python-platform $(LOCK_PLATFORM) --generate-hashes --upgrade \
+		--output-file $(LOCK)
+
+# the installed environment equals the lock: every locked package at its version, nothing else
+check-lock:
+	$(BIN)/python -m tests.lockfile --check
 
 demo: venv
 	$(BIN)/nightread demo

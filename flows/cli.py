@@ -522,6 +522,7 @@ def triton_serve(
             http_port=t.http_port,
             grpc_port=t.grpc_port,
             metrics_port=t.metrics_port,
+            host=t.bind_host,
             env=env,
         )
     except NightreadError as exc:
@@ -531,7 +532,7 @@ def triton_serve(
             server.start()
         console.print(
             f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics "
-            f"127.0.0.1:{t.metrics_port}; log {server.log_path}; Ctrl-C stops"
+            f"{t.bind_host}:{t.metrics_port}; log {server.log_path}; Ctrl-C stops"
         )
         while server.proc is not None and server.proc.poll() is None:
             threading.Event().wait(1)  # until Ctrl-C or the server exits

@@ -141,6 +141,9 @@ class TritonSettings(BaseModel):
     http_port: int = Field(default=8000, ge=0, le=65535)
     grpc_port: int = Field(default=8001, ge=0, le=65535)
     metrics_port: int = Field(default=8002, ge=0, le=65535)
+    bind_host: str = Field(
+        default="127.0.0.1", description="address `nightread triton serve` listens on (0.0.0.0 in its image)"
+    )
 
 
 class RenderSettings(BaseModel):

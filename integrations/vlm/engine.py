@@ -11,6 +11,7 @@ The engine is what runs in-process (LocalAnnotator) and inside Triton's Python b
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -127,9 +128,6 @@ class VlmEngine:
         self.packed_scoring = self.family in PACKED_FAMILIES
         # Qwen2/2.5-VL M-RoPE: positions come from the model (rope_deltas), not from the attention mask
         self.mrope = self.family in ("qwen2_vl", "qwen2_5_vl")
-        self._image_states_key = (
-            "perceiver_embeddings" if getattr(config, "use_resampler", False) else ("image_encoder_embeddings")
-        )
         if self.captions_only:
             from transformers import VisionEncoderDecoderModel
 
@@ -139,6 +137,8 @@ class VlmEngine:
         if options.adapter:
             self.model = _merge_adapter(self.model, options.adapter)
         self.model.to(self.device).eval()
+        # transformers 5.2x renamed a forward's `past_key_values` to `cache` (the old name goes in 5.40)
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.processor = AutoProcessor.from_pretrained(self.checkpoint, **kwargs)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.yes_ids, self.no_ids = ([], []) if self.captions_only else self._answer_token_ids()
@@ -278,7 +278,7 @@ class VlmEngine:
             t_pre = time.perf_counter()
             self._vision_s = 0.0
             out = self.model(**pre, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            cache = _cache_of(out)
             t_end = time.perf_counter()
             # stages: image/prompt preprocessing, vision encoder (+ connector), the prefix's language-model pass
             timings["preprocess_ms"] = (t_pre - t0) * 1000
@@ -293,8 +293,9 @@ class VlmEngine:
             cache.batch_repeat_interleave(k)
             attn = torch.cat([pre["attention_mask"].repeat(k, 1), suf["attention_mask"]], dim=1)
             n_images = pre["image_attention_mask"].shape[2]
+            states_key, states = self._idefics_image_states(out)
             extra: dict[str, Any] = {
-                self._image_states_key: out.image_hidden_states.repeat_interleave(k, 0),
+                states_key: states.repeat_interleave(k, 0),
                 "image_attention_mask": pre["image_attention_mask"].new_ones((k, suf["input_ids"].shape[1], n_images)),
             }
             # only each row's last real token needs the LM head: keep the (few) distinct last positions
@@ -304,15 +305,26 @@ class VlmEngine:
             o2 = self.model(
                 input_ids=suf["input_ids"],
                 attention_mask=attn,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=keep,
+                **{self._cache_arg: cache},
                 **extra,
             )
             logits = o2.logits[torch.arange(k, device=self.device), torch.searchsorted(keep, last)]
             probs = self._p_yes(logits, temperature)
             timings["scoring_ms"] = (time.perf_counter() - t1) * 1000
         return probs, timings
+
+    def _idefics_image_states(self, out: Any) -> tuple[str, Any]:
+        """The image states of an IDEFICS prefix pass, under the forward argument that takes them back.
+        transformers 5.2x returns the vision encoder's states as `image_outputs` (its `image_hidden_states`
+        became a pooled vector); they go back as `image_encoder_embeddings` and the perceiver resamples
+        them again, as transformers' own `generate` does. Older releases return the resampled states."""
+        image_outputs = getattr(out, "image_outputs", None)
+        if image_outputs is not None:
+            return "image_encoder_embeddings", image_outputs.last_hidden_state
+        resampled = getattr(self.model.config, "use_resampler", False)
+        return ("perceiver_embeddings" if resampled else "image_encoder_embeddings"), out.image_hidden_states
 
     def p_yes_shared_batch(
         self, items: Sequence[tuple[Any, str, Sequence[str]]], *, temperature: float = 1.0
@@ -356,7 +368,7 @@ class VlmEngine:
                 [self.tokenizer(q + suffix_tpl, add_special_tokens=False)["input_ids"] for q in qs]
                 for (_, _, qs), (_, suffix_tpl) in zip(items, splits, strict=True)
             ]
-            probs = self._score_packed_rows(mask2d, out.past_key_values, rows, temperature)
+            probs = self._score_packed_rows(mask2d, _cache_of(out), rows, temperature)
             scoring_ms = (time.perf_counter() - t1) * 1000
         total_q = max(1, sum(len(r) for r in rows))
         return [(p, {**per_ms, "scoring_ms": scoring_ms * len(r) / total_q}) for p, r in zip(probs, rows, strict=True)]
@@ -407,8 +419,8 @@ class VlmEngine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_arg: cache},
             logits_to_keep=keep,  # the LM head only where an answer is read
         )
         return [
@@ -446,6 +458,12 @@ class VlmEngine:
         ly = torch.logsumexp(lp[:, self.yes_ids], dim=-1)
         ln = torch.logsumexp(lp[:, self.no_ids], dim=-1)
         return [float(p) for p in torch.sigmoid((ly - ln) / max(temperature, 1e-6)).tolist()]
+
+
+def _cache_of(out: Any) -> Any:
+    """The key/value cache a forward returned (`cache` since transformers 5.2x, `past_key_values` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _merge_adapter(model: Any, adapter: str) -> Any:
