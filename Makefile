@@ -46,9 +46,9 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# the render fuzz test with a long budget (the suite runs 60 examples)
+# the render and DIMSE-edge fuzz tests with a long budget (the suite runs 60 examples per strategy)
 fuzz: venv
-	NIGHTREAD_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest tests/unit/test_fuzz_render.py -q
+	NIGHTREAD_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest tests/unit/test_fuzz_render.py tests/unit/test_fuzz_dimse.py -q
 
 # benchmarks print figures (ratios measured side by side in one run); they assert nothing
 bench-retrieval: venv

@@ -465,6 +465,7 @@ def listen(
 ) -> None:
     """Receive studies pushed by C-STORE from allow-listed AE titles; the next run reads them."""
     from flows.listen import make_arrival_recorder
+    from flows.runtime import tls_config
     from integrations.errors import ConfigurationError
     from integrations.receiver import StoreReceiver
 
@@ -480,6 +481,10 @@ def listen(
             port=settings.listen.port if port is None else port,
             on_arrival=record,
             dimse_receiver=settings.listen.dimse_receiver,
+            allowed_hosts=settings.listen.allowed_hosts,
+            max_associations=settings.listen.max_associations,
+            artim_s=settings.listen.artim_s,
+            tls=tls_config(settings.listen.tls),
         )
         receiver.start()
     except ConfigurationError as exc:

@@ -16,7 +16,8 @@ from sqlalchemy import Engine
 from db.session import make_engine
 from flows.questions import QuestionBank, load_bank
 from flows.selection import RuleSet, load_rules
-from flows.settings import NightreadSettings, PacsSettings
+from flows.settings import NightreadSettings, PacsSettings, TlsSettings
+from integrations.dimse.tls import TlsConfig
 from integrations.errors import ConfigurationError
 from integrations.pacs import DimseStudySource
 from integrations.ports import Annotator, ObjectStore, StudySource
@@ -37,6 +38,32 @@ def build_store(settings: NightreadSettings) -> ObjectStore:
     return LocalObjectStore(settings.storage_root)
 
 
+def tls_config(t: TlsSettings) -> TlsConfig | None:
+    """The DICOM TLS of a source or receiver (None when tls.enabled is off)."""
+    if not t.enabled:
+        return None
+    return TlsConfig(
+        ca_file=t.ca_file,
+        cert_file=t.cert_file,
+        key_file=t.key_file,
+        check_hostname=t.check_hostname,
+        require_client_cert=t.require_client_cert,
+    )
+
+
+def dicomweb_auth(p: PacsSettings) -> tuple[str, str] | None:
+    """(scheme, credential) of a DICOMweb source: ("bearer", token) or ("basic", "user:password")."""
+    if p.auth == "bearer":
+        if not p.token.get_secret_value():
+            raise ConfigurationError(f'source "{p.name}": auth bearer needs a token')
+        return "bearer", p.token.get_secret_value()
+    if p.auth == "basic":
+        if not p.username:
+            raise ConfigurationError(f'source "{p.name}": auth basic needs a username')
+        return "basic", f"{p.username}:{p.password.get_secret_value()}"
+    return None
+
+
 def build_source(p: PacsSettings, *, inbox: Path) -> StudySource:
     """The adapter for one configured source."""
     if p.kind == "push":
@@ -47,7 +74,13 @@ def build_source(p: PacsSettings, *, inbox: Path) -> StudySource:
         from integrations.dicomweb import DicomWebStudySource
 
         assert p.url is not None
-        return DicomWebStudySource(name=p.name, url=p.url, timeout_s=p.timeout_s)
+        return DicomWebStudySource(
+            name=p.name,
+            url=p.url,
+            timeout_s=p.timeout_s,
+            ca_file=p.tls.ca_file,
+            auth=dicomweb_auth(p),
+        )
     return DimseStudySource(
         name=p.name,
         host=p.host,
@@ -59,6 +92,10 @@ def build_source(p: PacsSettings, *, inbox: Path) -> StudySource:
         parallel=p.parallel_associations,
         dimse_receiver=p.dimse_receiver,
         timeout_s=p.timeout_s,
+        move_bind_host=p.move_bind_host,
+        move_allowed_aes=p.move_allowed_aes,
+        move_allowed_hosts=p.move_allowed_hosts,
+        tls=tls_config(p.tls),
     )
 
 
@@ -109,8 +146,12 @@ def build_annotator(settings: NightreadSettings) -> tuple[Annotator, str]:
     return annotator, resolved.note
 
 
+SOURCE_SECRETS = {"password", "token"}
+
+
 def source_row(p: PacsSettings) -> dict[str, Any]:
-    """The `pacs_source` columns for a configured source (its settings carry no secrets)."""
+    """The `pacs_source` columns for a configured source; its secrets (DICOMweb password and token) stay
+    in the settings and never reach the database."""
     return {
         "name": p.name,
         "kind": p.kind,
@@ -118,7 +159,7 @@ def source_row(p: PacsSettings) -> dict[str, Any]:
         "host": p.host if p.kind == "dimse" else None,
         "port": p.port if p.kind == "dimse" else None,
         "url": p.url,
-        "config": p.model_dump(mode="json"),
+        "config": p.model_dump(mode="json", exclude=SOURCE_SECRETS),
     }
 
 
@@ -156,15 +197,17 @@ class Runtime:
         from db import repository as repo
         from db.session import session_scope
 
+        configured = {p.name: p for p in self.settings.configured_sources()}
         with session_scope(self.engine) as session:
-            for p in self.settings.configured_sources():
+            for p in configured.values():
                 repo.upsert_source(session=session, **source_row(p))
             rows = repo.list_sources(session=session, enabled_only=True)
             ids = []
             for row in rows:
                 if row.config is None or row.id is None:
                     continue
-                pacs = PacsSettings.model_validate(row.config)
+                # a configured source keeps its secrets from the settings; one added by `sources add` has none
+                pacs = configured.get(row.name) or PacsSettings.model_validate(row.config)
                 with self._lock:
                     if row.id not in self._sources:
                         self._sources[row.id] = (pacs, build_source(pacs, inbox=self.settings.inbox))

@@ -37,6 +37,29 @@ class StorageSettings(BaseModel):
     region: str | None = None
 
 
+class TlsSettings(BaseModel):
+    """DICOM TLS (PS3.15 B.1, B.9): TLS 1.2 or newer on a DIMSE connection. As a client (our C-ECHO,
+    C-FIND, C-GET, C-MOVE and SR write-back) `ca_file` verifies the PACS; `cert_file`/`key_file` are
+    our certificate for a PACS that asks for one (mutual TLS). As a server (our C-MOVE storage SCP,
+    `nightread listen`) `cert_file`/`key_file` are required, and with `require_client_cert` only
+    peers with a certificate signed by `ca_file` get through."""
+
+    enabled: bool = False
+    ca_file: Path | None = Field(default=None, description="CA bundle (PEM) that signs the peers' certificates")
+    cert_file: Path | None = Field(default=None, description="our certificate chain (PEM)")
+    key_file: Path | None = Field(default=None, description="our private key (PEM)")
+    check_hostname: bool = Field(default=True, description="client: the PACS certificate must name its host")
+    require_client_cert: bool = Field(default=False, description="server: mutual TLS")
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if self.enabled and (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls: cert_file and key_file go together")
+        if self.enabled and self.require_client_cert and self.ca_file is None:
+            raise ValueError("tls: require_client_cert needs a ca_file to check client certificates against")
+        return self
+
+
 class PacsSettings(BaseModel):
     kind: Literal["dimse", "dicomweb", "push"] = Field(
         default="dimse", description="dimse/dicomweb: we query and retrieve; push: studies sent to `nightread listen`"
@@ -49,6 +72,16 @@ class PacsSettings(BaseModel):
     calling_ae: str = "NIGHTREAD"
     retrieve: Literal["get", "move"] = "get"
     move_port: int = Field(default=0, ge=0, le=65535, description="our storage SCP port for C-MOVE (0: any)")
+    move_bind_host: str = Field(
+        default="", description="address our C-MOVE storage SCP binds ('': 127.0.0.1 for a PACS on loopback, else all)"
+    )
+    move_allowed_aes: list[str] = Field(
+        default_factory=list,
+        description="AE titles besides called_ae allowed to send us C-MOVE sub-operations (JSON list)",
+    )
+    move_allowed_hosts: list[str] = Field(
+        default_factory=list, description="addresses allowed to connect to our C-MOVE storage SCP ([]: any)"
+    )
     parallel_associations: int = Field(
         default=1, ge=1, le=16, description="split a study over this many C-GET/C-MOVE associations at once"
     )
@@ -65,6 +98,12 @@ class PacsSettings(BaseModel):
     write_back: bool = Field(
         default=False, description="send each study's SR back to this PACS (C-STORE; STOW-RS for dicomweb)"
     )
+    tls: TlsSettings = Field(default_factory=TlsSettings, description="DICOM TLS to this PACS (and our C-MOVE SCP)")
+    # DICOMweb: HTTPS is verified against tls.ca_file when set (else the system's CAs)
+    auth: Literal["none", "bearer", "basic"] = Field(default="none", description="dicomweb: HTTP authentication")
+    username: str = Field(default="", description="dicomweb basic auth")
+    password: SecretStr = Field(default=SecretStr(""), description="dicomweb basic auth")
+    token: SecretStr = Field(default=SecretStr(""), description="dicomweb bearer token")
 
     @model_validator(mode="after")
     def _url_for_dicomweb(self) -> PacsSettings:
@@ -89,6 +128,12 @@ class ListenSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=0, le=65535)
     allowed_aes: list[str] = Field(default_factory=list, description="calling AE titles allowed to push (JSON list)")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="addresses allowed to connect ([]: any; JSON list)"
+    )
+    max_associations: int = Field(default=16, ge=1, le=256, description="associations at once (more: busy)")
+    artim_s: float = Field(default=10.0, gt=0, le=300, description="time a connection has to request an association")
+    tls: TlsSettings = Field(default_factory=TlsSettings, description="DICOM TLS for pushes (cert_file/key_file)")
     quiet_period_s: float = Field(default=120.0, ge=0, description="no new instance for this long: study complete")
     source_name: str = "push"
     dimse_receiver: Literal["direct", "pynetdicom"] = Field(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import Dataset
+from requests.adapters import HTTPAdapter
 
 from integrations.errors import PeerRefused, RetrievalIncomplete, TransientError
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
@@ -49,6 +50,19 @@ def _identity(answer: dict[str, Any]) -> str:
     return json.dumps([answer.get("0020000D"), answer.get("0020000E")], sort_keys=True)
 
 
+class _VerifyingAdapter(HTTPAdapter):
+    """Verifies every HTTPS server against one CA bundle, whatever the environment says (requests lets
+    REQUESTS_CA_BUNDLE override a Session's own `verify`)."""
+
+    def __init__(self, ca_file: str) -> None:
+        super().__init__()
+        self.ca_file = ca_file
+
+    def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["verify"] = self.ca_file
+        return super().send(request, **kwargs)
+
+
 class DicomWebStudySource:
     """A PACS reached over DICOMweb (QIDO-RS, WADO-RS)."""
 
@@ -60,7 +74,11 @@ class DicomWebStudySource:
         timeout_s: float = 30.0,
         headers: dict[str, str] | None = None,
         page_size: int = 500,
+        ca_file: Path | None = None,
+        auth: tuple[str, str] | None = None,
     ) -> None:
+        """`ca_file` verifies an HTTPS server (default: the system's CAs); `auth` is ("bearer", token) or
+        ("basic", "user:password"), sent on every request and never logged."""
         import requests
         from dicomweb_client.api import DICOMwebClient
 
@@ -71,7 +89,19 @@ class DicomWebStudySource:
         self._session = requests.Session()
         if headers:
             self._session.headers.update(headers)
+        if ca_file is not None:  # on the adapter: REQUESTS_CA_BUNDLE would override Session.verify
+            self._session.mount("https://", _VerifyingAdapter(str(ca_file)))
+        if auth is not None:
+            scheme, credential = auth
+            if scheme == "bearer":
+                self._session.headers["Authorization"] = f"Bearer {credential}"
+            else:
+                user, _, password = credential.partition(":")
+                self._session.auth = (user, password)
         self.client = DICOMwebClient(url=self.url, session=self._session, timeout=timeout_s)
+        # dicomweb_client retries every exception 5 times with exponential waits (30 s for an untrusted
+        # certificate): retrying is the flows' job, which know transient from permanent
+        self.client.set_http_retry_params(retry=False)
 
     def __enter__(self) -> DicomWebStudySource:
         return self
@@ -93,6 +123,10 @@ class DicomWebStudySource:
             if code >= 500 or code in (408, 429):
                 raise TransientError(f"{operation} at {self.url}: HTTP {code}") from exc
             raise PeerRefused(f"{operation} refused by {self.url}: HTTP {code}") from exc
+        except requests.exceptions.SSLError as exc:  # before ConnectionError, its base: not worth a retry
+            raise PeerRefused(
+                f"{operation}: the TLS certificate of {self.url} is not trusted or the handshake failed"
+            ) from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise TransientError(f"{operation}: cannot reach {self.url} ({type(exc).__name__})") from exc
 

@@ -7,6 +7,7 @@
         ├── ResultsCapped      the PACS stopped matching at its result cap: narrow the query
         ├── ConfigurationError
         ├── PeerRefused        the peer answered and said no (unknown AE, bad request)
+        ├── ProtocolError      the peer broke the DICOM protocol (an over-long PDU, a malformed item)
         ├── DecodeError        a DICOM object that cannot be decoded or rendered
         └── UnsupportedTask    a model asked to do what it cannot (e.g. questions to a captioner)
 
@@ -54,6 +55,11 @@ class ConfigurationError(PermanentError):
 
 class PeerRefused(PermanentError):
     """The remote system answered and refused the request."""
+
+
+class ProtocolError(PermanentError):
+    """The peer broke the protocol (PS3.8): the association was aborted, and the same peer sending the
+    same bytes again would break it the same way, so it is never retried."""
 
 
 class DecodeError(PermanentError):

@@ -1,7 +1,8 @@
 """DIMSE access to a PACS: C-ECHO, C-FIND, C-GET and C-MOVE (with our own storage SCP).
 
 `DimseStudySource` implements the `StudySource` port. Queries and requests go through pynetdicom;
-instances are received on `dimse_stream`'s path (or pynetdicom's, `dimse_receiver="pynetdicom"`).
+instances are received on the DIMSE edge's streaming path (`integrations.dimse`; or pynetdicom's,
+`dimse_receiver="pynetdicom"`).
 Every association is a context manager that always releases or aborts. pynetdicom's identifier
 logging (PHI) is switched off.
 """
@@ -9,10 +10,10 @@ logging (PHI) is switched off.
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import logging
 import multiprocessing as mp
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -23,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from functools import partial
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +40,18 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, build_role, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, build_role, evt
 from pynetdicom import sop_class as sc
 
-from integrations import dimse_stream
+from integrations import dimse
+from integrations.dimse import framing
+from integrations.dimse.tls import TlsConfig, client_context, server_context
 from integrations.errors import PeerRefused, ResultsCapped, RetrievalIncomplete, TransientError
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
 from integrations.query import int_of, series_ref, studies_since, study_ref, text_of, uid_hash
@@ -60,6 +65,7 @@ TRANSFER_SYNTAXES: list[UID] = [
     ExplicitVRBigEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -68,7 +74,10 @@ TRANSFER_SYNTAXES: list[UID] = [
     RLELossless,
 ]
 
-# The storage SOP classes we accept on retrieval (C-GET allows at most 128 contexts in all).
+# The storage SOP classes a C-GET asks for (C-GET allows at most 128 presentation contexts in all, one
+# of them the query model): every image class a study may hold, with the SRs, presentation states and
+# documents that travel with it. Instances of any class are filed; selection decides what is rendered
+# (a dose SR or a PDF is kept with its study and never rendered).
 RETRIEVE_STORAGE_CLASSES: list[UID] = [
     UID(getattr(sc, name))
     for name in (
@@ -77,33 +86,65 @@ RETRIEVE_STORAGE_CLASSES: list[UID] = [
         "DigitalXRayImageStorageForProcessing",
         "DigitalMammographyXRayImageStorageForPresentation",
         "DigitalMammographyXRayImageStorageForProcessing",
+        "DigitalIntraOralXRayImageStorageForPresentation",
+        "BreastTomosynthesisImageStorage",
+        "BreastProjectionXRayImageStorageForPresentation",
         "CTImageStorage",
         "EnhancedCTImageStorage",
+        "LegacyConvertedEnhancedCTImageStorage",
         "MRImageStorage",
         "EnhancedMRImageStorage",
+        "EnhancedMRColorImageStorage",
+        "LegacyConvertedEnhancedMRImageStorage",
         "UltrasoundImageStorage",
         "UltrasoundMultiFrameImageStorage",
+        "EnhancedUSVolumeStorage",
         "SecondaryCaptureImageStorage",
+        "MultiFrameSingleBitSecondaryCaptureImageStorage",
         "MultiFrameGrayscaleByteSecondaryCaptureImageStorage",
         "MultiFrameGrayscaleWordSecondaryCaptureImageStorage",
         "MultiFrameTrueColorSecondaryCaptureImageStorage",
         "XRayAngiographicImageStorage",
         "EnhancedXAImageStorage",
         "XRayRadiofluoroscopicImageStorage",
+        "EnhancedXRFImageStorage",
+        "XRay3DAngiographicImageStorage",
+        "XRay3DCraniofacialImageStorage",
         "NuclearMedicineImageStorage",
         "PositronEmissionTomographyImageStorage",
+        "EnhancedPETImageStorage",
+        "LegacyConvertedEnhancedPETImageStorage",
+        "VLEndoscopicImageStorage",
+        "VLPhotographicImageStorage",
+        "VLMicroscopicImageStorage",
+        "VLSlideCoordinatesMicroscopicImageStorage",
+        "VLWholeSlideMicroscopyImageStorage",
+        "OphthalmicPhotography8BitImageStorage",
+        "OphthalmicPhotography16BitImageStorage",
         "BasicTextSRStorage",
         "EnhancedSRStorage",
         "ComprehensiveSRStorage",
+        "Comprehensive3DSRStorage",
         "KeyObjectSelectionDocumentStorage",
+        "XRayRadiationDoseSRStorage",
+        "EnhancedXRayRadiationDoseSRStorage",
+        "RadiopharmaceuticalRadiationDoseSRStorage",
+        "PatientRadiationDoseSRStorage",
+        "AcquisitionContextSRStorage",
         "GrayscaleSoftcopyPresentationStateStorage",
+        "ColorSoftcopyPresentationStateStorage",
         "EncapsulatedPDFStorage",
+        "SegmentationStorage",
         "RTStructureSetStorage",
         "RTDoseStorage",
         "RTPlanStorage",
+        "RTImageStorage",
         "TwelveLeadECGWaveformStorage",
     )
 ]
+# A storage SCP (the C-MOVE destination, `nightread listen`) has no such limit: it accepts every
+# storage class pynetdicom knows.
+STORAGE_SCP_CLASSES: list[UID] = [UID(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
 
 
 def quiet_pynetdicom() -> None:
@@ -141,6 +182,14 @@ def _recv_whole(transport: Any, nr_bytes: int) -> bytearray:
     return buf
 
 
+def nightread_ae(ae_title: str) -> AE:
+    """A pynetdicom AE that announces nightread's Implementation Class UID and version name."""
+    ae = AE(ae_title=ae_title)
+    ae.implementation_class_uid = dimse.IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = dimse.IMPLEMENTATION_VERSION_NAME
+    return ae
+
+
 @contextmanager
 def association(ae: AE, *, host: str, port: int, called_ae: str, **kwargs: Any) -> Iterator[Any]:
     """An established association, released (or aborted on error) when the block ends."""
@@ -157,7 +206,8 @@ def association(ae: AE, *, host: str, port: int, called_ae: str, **kwargs: Any) 
                 f"PACS {called_ae} at {host}:{port} rejected the association "
                 f"(check the called AE title and that our AE title is known to it)"
             )
-        raise TransientError(f"cannot associate with PACS {called_ae} at {host}:{port} (no answer or aborted)")
+        hint = "; with TLS, check both sides' certificates" if kwargs.get("tls_args") else ""
+        raise TransientError(f"cannot associate with PACS {called_ae} at {host}:{port} (no answer or aborted{hint})")
     tune_association(assoc)
     ok = False
     try:
@@ -191,10 +241,27 @@ def _file_name(sop_uid: str) -> str:
     return f"{uid_hash(sop_uid)}.dcm"
 
 
+def encoded_instance(event: Any) -> bytes | None:
+    """A C-STORE's instance as pynetdicom received it, as a DICOM file with nightread's File Meta
+    Information (the bytes the streaming receiver writes), or None when its data set is cut short."""
+    data: bytes = event.request.DataSet.getvalue()
+    syntax = str(event.context.transfer_syntax)
+    try:
+        framing.check_dataset(BytesIO(data), start=0, end=len(data), transfer_syntax=syntax)
+    except framing.IncompleteDataset as exc:
+        log.warning("refused an incomplete instance: %s", exc)
+        return None
+    sop_class = str(event.request.AffectedSOPClassUID)
+    return framing.file_header(sop_class, str(event.request.AffectedSOPInstanceUID), syntax) + data
+
+
 def _write_instance(event: Any, folder: Path, sop_uid: str) -> int:
     """File one received instance as it was encoded, under a name without UIDs."""
+    encoded = encoded_instance(event)
+    if encoded is None:
+        return framing.OUT_OF_RESOURCES
     with (folder / _file_name(sop_uid)).open("wb") as fh:
-        fh.write(event.encoded_dataset())
+        fh.write(encoded)
     return 0x0000
 
 
@@ -218,7 +285,7 @@ class _StoreSink:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._folders: dict[str, tuple[Path, int]] = {}  # study UID -> (folder, retrievals under way)
-        self._moves: dict[int, Path] = {}  # our C-MOVE's Message ID -> folder
+        self._moves: dict[int, tuple[Path, str]] = {}  # our C-MOVE's Message ID -> (folder, study UID)
         self.rejected = 0
         self.ae_title = ""  # ours, as the PACS names it in Move Originator AE Title
         self.staging: Path | None = None  # instances of unknown origin wait here (made with the SCP, gone on close)
@@ -259,28 +326,35 @@ class _StoreSink:
                 self.rejected += 1
             return folder
 
-    def expect(self, message_id: int, folder: Path) -> None:
-        """Instances sent on behalf of our C-MOVE with this Message ID go straight into `folder`."""
+    def expect(self, folder: Path, study_uid: str) -> int:
+        """A random Message ID, unique among our C-MOVEs under way, for a C-MOVE of `study_uid`: the
+        instances sent on its behalf go straight into `folder` (those of another study are refused)."""
         with self._lock:
-            self._moves[message_id] = folder
+            while True:
+                message_id = 1 + secrets.randbelow(0xFFFF)
+                if message_id not in self._moves:
+                    self._moves[message_id] = (folder, study_uid)
+                    return message_id
 
     def forget(self, message_id: int) -> None:
         with self._lock:
             self._moves.pop(message_id, None)
 
-    def place(self, request: dimse_stream.StoreRequest) -> dimse_stream.Placement:
+    def place(self, request: dimse.StoreRequest) -> dimse.Placement:
         """For nightread's own storage SCP: an instance a PACS sends for one of our C-MOVEs (Move
         Originator AE title and Message ID, PS3.7 9.1.1.1) is written straight into that retrieval's
-        folder; anything else into the staging folder, filed by its header once complete."""
+        folder if its header names the study that C-MOVE asked for; anything else into the staging
+        folder, filed by its header once complete."""
         with self._lock:
             ours = request.move_originator_ae == self.ae_title and request.move_originator_id is not None
-            folder = self._moves.get(request.move_originator_id or 0) if ours else None
-        if folder is not None and request.sop_instance:
-            return dimse_stream.Placement(folder / _file_name(request.sop_instance))
+            move = self._moves.get(request.move_originator_id or 0) if ours else None
+        if move is not None and request.sop_instance:
+            folder, study_uid = move
+            return dimse.Placement(folder / _file_name(request.sop_instance), study=study_uid)
         assert self.staging is not None
-        return dimse_stream.Placement(self.staging / f"{uuid.uuid4().hex}.dcm", check=True)
+        return dimse.Placement(self.staging / f"{uuid.uuid4().hex}.dcm", check=True)
 
-    def file(self, path: Path, request: dimse_stream.StoreRequest) -> int:
+    def file(self, path: Path, request: dimse.StoreRequest) -> int:
         """A complete file in the staging folder goes into its study's folder (read from its header),
         or is deleted if no retrieval under way asked for its study."""
         sop_uid = request.sop_instance
@@ -325,11 +399,20 @@ class DimseStudySource:
         timeout_s: float = 30.0,
         parallel: int = 1,
         dimse_receiver: str = "direct",
+        move_bind_host: str = "",
+        move_allowed_aes: Sequence[str] = (),
+        move_allowed_hosts: Sequence[str] = (),
+        tls: TlsConfig | None = None,
     ) -> None:
         if retrieve not in ("get", "move"):
             raise ValueError(f'retrieve must be "get" or "move", not {retrieve!r}')
-        self.dimse_receiver = dimse_stream.receiver_choice(dimse_receiver)
-        self._move_ids = itertools.count()
+        self.dimse_receiver = dimse.receiver_choice(dimse_receiver)
+        self.move_bind_host = move_bind_host or ("127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0")
+        # who may send us C-MOVE sub-operations: the PACS's AE title (and any other it sends from)
+        self.move_allowed_aes = frozenset([called_ae, *move_allowed_aes])
+        self.move_allowed_hosts = frozenset(move_allowed_hosts) if move_allowed_hosts else None
+        self.tls = tls  # DICOM TLS for every association with this PACS, and for our C-MOVE SCP
+        self._tls_client: Any = None
         self.name = name
         self.host, self.port = host, port
         self.called_ae, self.calling_ae = called_ae, calling_ae
@@ -379,16 +462,26 @@ class DimseStudySource:
             "calling_ae": self.calling_ae,
             "timeout_s": self.timeout_s,
             "dimse_receiver": self.dimse_receiver,
+            "tls": self.tls,
         }
 
     def _ae(self) -> AE:
         quiet_pynetdicom()
-        ae = AE(ae_title=self.calling_ae)
+        ae = nightread_ae(self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
         ae.maximum_pdu_size = 0
         return ae
 
+    def _client_tls(self) -> Any:
+        """The TLS context of our associations with this PACS (None without TLS), made once."""
+        if self.tls is not None and self._tls_client is None:
+            self._tls_client = client_context(self.tls)
+        return self._tls_client
+
     def _connect(self, ae: AE, **kwargs: Any) -> Any:
+        tls = self._client_tls()
+        if tls is not None:
+            kwargs["tls_args"] = (tls, self.host)
         return association(ae, host=self.host, port=self.port, called_ae=self.called_ae, **kwargs)
 
     # --- verification and query ----------------------------------------------------------------------
@@ -542,7 +635,7 @@ class DimseStudySource:
 
     def _c_get(self, identifier: Dataset, *, dest: Path) -> None:
         if self.dimse_receiver == "direct":
-            final = dimse_stream.c_get(
+            final = dimse.c_get(
                 host=self.host,
                 port=self.port,
                 called_ae=self.called_ae,
@@ -553,6 +646,7 @@ class DimseStudySource:
                 storage_classes=RETRIEVE_STORAGE_CLASSES,
                 transfer_syntaxes=TRANSFER_SYNTAXES,
                 timeout_s=self.timeout_s,
+                tls=self._client_tls(),
             )
             self._check_final("C-GET", final)
             return
@@ -576,27 +670,33 @@ class DimseStudySource:
         with self._server_lock:
             if self._move_server is not None:
                 return
-            host = "127.0.0.1" if self.host in ("127.0.0.1", "localhost") else "0.0.0.0"
+            host = self.move_bind_host
+            scp_tls = server_context(self.tls) if self.tls is not None else None
             if self.dimse_receiver == "direct":
                 self._sink.ae_title = self.calling_ae
                 self._sink.staging = Path(tempfile.mkdtemp(prefix="nightread-move-"))
-                self._move_server = dimse_stream.StreamingStorageServer(
+                self._move_server = dimse.StreamingStorageServer(
                     ae_title=self.calling_ae,
                     host=host,
                     port=self._move_port,
                     place=self._sink.place,
                     on_stored=self._sink.file,
-                    storage_classes=RETRIEVE_STORAGE_CLASSES,
+                    storage_classes=STORAGE_SCP_CLASSES,
                     transfer_syntaxes=TRANSFER_SYNTAXES,
                     timeout_s=self.timeout_s,
+                    policy=dimse.EdgePolicy(allowed_aes=self.move_allowed_aes, allowed_hosts=self.move_allowed_hosts),
+                    ssl_context=scp_tls,
                 ).start()
                 return
             ae = self._ae()
-            for sop_class in RETRIEVE_STORAGE_CLASSES:
+            ae.require_calling_aet = sorted(self.move_allowed_aes)
+            ae.require_called_aet = True
+            for sop_class in STORAGE_SCP_CLASSES:
                 ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
             self._move_server = ae.start_server(
                 (host, self._move_port),
                 block=False,
+                ssl_context=scp_tls,
                 evt_handlers=[
                     (evt.EVT_C_STORE, self._sink.handle),
                     (evt.EVT_CONN_OPEN, lambda event: tune_association(event.assoc)),
@@ -614,9 +714,7 @@ class DimseStudySource:
         ae = self._ae()
         ae.add_requested_context(sc.StudyRootQueryRetrieveInformationModelMove)
         final = None
-        with self._server_lock:
-            message_id = 1 + next(self._move_ids) % 0xFFFF  # unique among our C-MOVEs under way
-        self._sink.expect(message_id, dest)
+        message_id = self._sink.expect(dest, str(identifier.get("StudyInstanceUID", "") or ""))
         try:
             with self._connect(ae) as assoc:
                 for status, _ in assoc.send_c_move(

@@ -21,12 +21,13 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom import sop_class as sc
 
-from integrations.dimse_stream import Placement, StoreRequest, StreamingStorageServer, receiver_choice
+from integrations.dimse import EdgePolicy, Placement, StoreRequest, StreamingStorageServer, receiver_choice
+from integrations.dimse.tls import TlsConfig, server_context
 from integrations.errors import ConfigurationError, RetrievalIncomplete
-from integrations.pacs import RETRIEVE_STORAGE_CLASSES, TRANSFER_SYNTAXES, quiet_pynetdicom
+from integrations.pacs import STORAGE_SCP_CLASSES, TRANSFER_SYNTAXES, encoded_instance, nightread_ae, quiet_pynetdicom
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
 from integrations.query import uid_hash
 
@@ -65,6 +66,10 @@ class StoreReceiver:
         on_arrival: Callable[[Arrival], None] | None = None,
         dimse_receiver: str = "direct",
         timeout_s: float = 60.0,
+        allowed_hosts: Sequence[str] = (),
+        max_associations: int = 16,
+        artim_s: float = 10.0,
+        tls: TlsConfig | None = None,
     ) -> None:
         receiver_choice(dimse_receiver)
         if not allowed_aes:
@@ -77,6 +82,13 @@ class StoreReceiver:
         self.on_arrival = on_arrival
         self.dimse_receiver = dimse_receiver
         self.timeout_s = timeout_s
+        self.policy = EdgePolicy(
+            allowed_aes=frozenset(self.allowed),
+            allowed_hosts=frozenset(allowed_hosts) if allowed_hosts else None,
+            max_associations=max_associations,
+            artim_s=artim_s,
+        )
+        self.tls = tls  # DICOM TLS: every push arrives over TLS (mutual with tls.require_client_cert)
         self._server: Any = None
         self._lock = threading.Lock()
 
@@ -96,6 +108,7 @@ class StoreReceiver:
     def start(self) -> None:
         quiet_pynetdicom()
         self.inbox.mkdir(parents=True, exist_ok=True)
+        ssl_context = server_context(self.tls) if self.tls is not None else None
         if self.dimse_receiver == "direct":
             staging = self.inbox / ".incoming"  # on the inbox's file system: filing is a rename
             staging.mkdir(exist_ok=True)
@@ -107,21 +120,27 @@ class StoreReceiver:
                 port=self._requested_port,
                 place=lambda _request: Placement(staging / f"{uuid.uuid4().hex}.dcm", check=True),
                 on_stored=self._on_stored,
-                storage_classes=RETRIEVE_STORAGE_CLASSES,
+                storage_classes=STORAGE_SCP_CLASSES,
                 transfer_syntaxes=TRANSFER_SYNTAXES,
                 timeout_s=self.timeout_s,
-                allowed_aes=self.allowed,  # anyone else is rejected at association time
+                policy=self.policy,  # anyone else is rejected at association time
+                ssl_context=ssl_context,
             ).start()
             log.info("C-STORE receiver %s on %s:%d accepts %s", self.ae_title, self.host, self.port, self.allowed)
             return
-        ae = AE(ae_title=self.ae_title)
+        ae = nightread_ae(self.ae_title)
         ae.maximum_pdu_size = 0
         ae.require_calling_aet = self.allowed  # anyone else is rejected at association time
+        ae.require_called_aet = True
+        ae.maximum_associations = self.policy.max_associations
         ae.add_supported_context(sc.Verification)
-        for sop_class in RETRIEVE_STORAGE_CLASSES:
+        for sop_class in STORAGE_SCP_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self._server = ae.start_server(
-            (self.host, self._requested_port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+            (self.host, self._requested_port),
+            block=False,
+            ssl_context=ssl_context,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
         )
         log.info("C-STORE receiver %s on %s:%d accepts %s", self.ae_title, self.host, self.port, self.allowed)
 
@@ -138,11 +157,15 @@ class StoreReceiver:
             log.warning("refused a pushed instance whose dataset could not be parsed")
             return 0xC210
 
+        encoded = encoded_instance(event)
+        if encoded is None:
+            return 0xA700  # cut short: never filed, never replaces a good copy
+
         def write(target: Path) -> None:
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
             try:
                 with os.fdopen(fd, "wb") as fh:
-                    fh.write(event.encoded_dataset())
+                    fh.write(encoded)
                 os.replace(tmp, target)
             except OSError:
                 Path(tmp).unlink(missing_ok=True)

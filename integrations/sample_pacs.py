@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -401,6 +402,12 @@ def _match_range(value: str, query: str) -> bool:
     return (not lo or value >= lo) and (not hi or value <= hi)
 
 
+def _wildcard(query: str) -> re.Pattern[str]:
+    """DICOM wild card matching (PS3.4 C.2.2.2.4): `*` any run of characters, `?` one; nothing else
+    is special (fnmatch would also read `[`)."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in query), re.DOTALL)
+
+
 def _match_value(keyword: str, value: Any, query: Any) -> bool:
     if query in (None, "", []):
         return True  # universal match
@@ -408,10 +415,8 @@ def _match_value(keyword: str, value: Any, query: Any) -> bool:
         return _match_range(str(value), str(query))
     if keyword == "ModalitiesInStudy":
         return bool({str(v) for v in values_of(value)} & {str(q) for q in values_of(query)})
-    if isinstance(query, str) and ("*" in query or "?" in query):
-        import fnmatch
-
-        return fnmatch.fnmatchcase(str(value), query)
+    if len(values_of(query)) == 1 and ("*" in str(query) or "?" in str(query)):  # PN values are PersonName
+        return _wildcard(str(query)).fullmatch(str(value)) is not None
     if len(values_of(query)) > 1:
         return str(value) in [str(q) for q in values_of(query)]
     return str(value) == str(query)
@@ -538,7 +543,12 @@ class SamplePacs:
         include_corrupt: bool = False,
         max_find_results: int | None = None,
         signal_cap: bool = False,
+        ssl_context: Any = None,
+        move_tls: Any = None,
     ) -> None:
+        """`ssl_context` (an ssl.SSLContext, server side) makes every association DICOM TLS; `move_tls`
+        (client side) is used for the C-MOVE sub-associations it opens to a destination."""
+        self.ssl_context, self.move_tls = ssl_context, move_tls
         # like a PACS's C-FIND result cap: at most this many answers, then either a plain success (a
         # silent cap) or, with `signal_cap`, status 0xFE00 as Orthanc's LimitFindResults answers
         self.max_find_results = max_find_results
@@ -597,7 +607,9 @@ class SamplePacs:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_open),
         ]
-        self._server = self._ae().start_server((self.host, self._requested_port), block=False, evt_handlers=handlers)
+        self._server = self._ae().start_server(
+            (self.host, self._requested_port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        )
         log.info("sample PACS %s listening on %s:%d", self.ae_title, self.host, self.port)
 
     def stop(self) -> None:
@@ -650,7 +662,10 @@ class SamplePacs:
             yield None, None  # unknown destination -> 0xA801
             return
         instances = self.archive.instances_for(event.identifier)
-        yield dest[0], dest[1]
+        if self.move_tls is not None:
+            yield dest[0], dest[1], {"tls_args": (self.move_tls, dest[0])}
+        else:
+            yield dest[0], dest[1]
         yield len(instances)
         for ds in instances:
             if event.is_cancelled:

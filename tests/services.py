@@ -6,17 +6,21 @@ sleeping a fixed time), and is stopped by the fixture that started it.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import threading
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +173,7 @@ class Orthanc:
     aet: str = "ORTHANC"
     proc: subprocess.Popen[bytes] | None = None
     extra_config: dict[str, object] | None = None  # e.g. {"LimitFindResults": 2}
+    user: tuple[str, str] | None = None  # HTTP basic authentication required for REST and DICOMweb
 
     @classmethod
     def on_free_ports(cls, folder: Path, **kwargs: Any) -> Orthanc:
@@ -185,6 +190,14 @@ class Orthanc:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    def _open(self, request: str | urllib.request.Request, timeout: float) -> Any:
+        """urlopen with this Orthanc's credentials."""
+        req = request if isinstance(request, urllib.request.Request) else urllib.request.Request(request)
+        if self.user is not None:
+            token = base64.b64encode(f"{self.user[0]}:{self.user[1]}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        return urllib.request.urlopen(req, timeout=timeout)
 
     def config(self) -> dict[str, object]:
         """deploy/orthanc/orthanc.json (what compose uses) with this instance's folders and ports."""
@@ -221,6 +234,8 @@ class Orthanc:
                 },
             }
         )
+        if self.user is not None:
+            cfg.update({"AuthenticationEnabled": True, "RegisteredUsers": {self.user[0]: self.user[1]}})
         cfg.update(self.extra_config or {})
         return cfg
 
@@ -237,7 +252,7 @@ class Orthanc:
         wait_until(self.ready, timeout=60, what="orthanc", proc=self.proc, log=log)
 
     def ready(self) -> bool:
-        with urllib.request.urlopen(f"{self.url}/system", timeout=2) as r:
+        with self._open(f"{self.url}/system", timeout=2) as r:
             return bool(r.status == 200)
 
     def upload_datasets(self, datasets: Iterable[Dataset]) -> None:
@@ -250,34 +265,91 @@ class Orthanc:
         req = urllib.request.Request(
             f"{self.url}/instances", data=data, method="POST", headers={"Content-Type": "application/dicom"}
         )
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with self._open(req, timeout=30) as r:
             assert r.status == 200
 
     def get_json(self, path: str) -> object:
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as r:
+        with self._open(f"{self.url}{path}", timeout=30) as r:
             return json.loads(r.read())
 
     def post_json(self, path: str, body: object) -> object:
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         req = urllib.request.Request(f"{self.url}{path}", data=data, method="POST")
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with self._open(req, timeout=60) as r:
             return json.loads(r.read())
 
     def get_bytes(self, path: str) -> bytes:
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=60) as r:
+        with self._open(f"{self.url}{path}", timeout=60) as r:
             return bytes(r.read())
 
     def delete(self, path: str) -> None:
-        urllib.request.urlopen(urllib.request.Request(f"{self.url}{path}", method="DELETE"), timeout=30).close()
+        self._open(urllib.request.Request(f"{self.url}{path}", method="DELETE"), timeout=30).close()
 
     def delete_all(self) -> None:
         for pid in self.get_json("/patients"):  # type: ignore[union-attr]
             req = urllib.request.Request(f"{self.url}/patients/{pid}", method="DELETE")
-            urllib.request.urlopen(req, timeout=30).close()
+            self._open(req, timeout=30).close()
 
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)  # Orthanc needs ~1 s to exit; wait for it before reusing the folder
+
+
+class TlsTerminator:
+    """HTTPS in front of a plain HTTP server on loopback, as a hospital's reverse proxy puts it (Orthanc
+    1.10's own HTTPS crashes on the first handshake in Debian's build): `with TlsTerminator(...) as t:`
+    serves https://127.0.0.1:{t.port} with `cert`/`key` and forwards each connection to `target_port`."""
+
+    def __init__(self, *, target_port: int, cert: Path, key: Path) -> None:
+        self.target_port = target_port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(cert), str(key))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+
+    def __enter__(self) -> TlsTerminator:
+        self._spawn(self._accept)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self._spawn(self._serve, client)
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            tls = self.context.wrap_socket(client, server_side=True)
+        except (OSError, ssl.SSLError):  # an untrusting client gives up the handshake
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        self._spawn(self._pump, upstream, tls)
+        self._pump(tls, upstream)
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for sock in (source, sink):
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 # --- S3 (moto server mode) -----------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import socket
+import subprocess
 
 import numpy as np
 import pytest
@@ -121,3 +123,22 @@ def test_parallel_associations_split_a_study_and_get_all_of_it(sample_pacs, tmp_
     assert len(got.files) == 33
     assert len({dcmread(p).SOPInstanceUID for p in got.files}) == 33
     assert sample_pacs.associations - before >= 4, "one C-FIND for the instance list, then 3 retrievals"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [("SYNTHETIC^PATIENT0*", 5), ("SYNTHETIC^PATIENT0?", 5), ("*PATIENT03", 1), ("SYNTHETIC^PAT", 0), ("[S]*", 0)],
+)
+def test_the_sample_pacs_matches_person_name_wildcards_as_a_pacs_does(sample_pacs, pattern, expected):
+    """dcmtk's findscu with a PN wildcard (a PersonName value, not a str, reaches the matcher)."""
+    findscu = shutil.which("findscu")
+    if findscu is None:
+        from tests.conftest import require_or_skip
+
+        require_or_skip("dcmtk's findscu is not installed")
+    result = subprocess.run(
+        [findscu, "-S", "-aec", sample_pacs.ae_title, "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientName={pattern}",
+         "-k", "StudyInstanceUID", "127.0.0.1", str(sample_pacs.port)],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert result.stderr.count("Find Response:") == expected

@@ -1,6 +1,6 @@
-"""nightread's one-thread C-GET receiver (integrations.dimse_stream) against real pynetdicom SCPs on loopback,
-and against a scripted peer for the failures a real SCP will not produce on demand (a connection lost
-in the middle of an instance, a PACS that goes silent)."""
+"""nightread's DIMSE edge (integrations.dimse): the one-thread C-GET receiver and storage SCP against
+real pynetdicom SCPs on loopback, and against a scripted peer for the failures a real SCP will not
+produce on demand (a connection lost in the middle of an instance, a PACS that goes silent)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import datetime as dt
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import suppress
 from io import BytesIO
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
-from integrations import dimse_stream
+from integrations import dimse
+from integrations.dimse import framing
 from integrations.errors import PeerRefused, TransientError
 from integrations.pacs import RETRIEVE_STORAGE_CLASSES, TRANSFER_SYNTAXES, DimseStudySource, quiet_pynetdicom
 from integrations.query import uid_hash
@@ -66,7 +68,7 @@ def c_get(port: int, dest: Path, *, called_ae: str = "SAMPLEPACS", timeout_s: fl
         "timeout_s": timeout_s,
     }
     args.update(kw)
-    return dimse_stream.c_get(**args)  # type: ignore[arg-type]
+    return dimse.c_get(**args)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("retrieve", ["get", "move"])
@@ -89,7 +91,8 @@ def test_both_receivers_file_the_same_bytes(sample_pacs, tmp_path, retrieve):
     ds = dcmread(direct.files[0])
     assert ds.StudyInstanceUID == ct.study_instance_uid
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
-    assert ds.file_meta.ImplementationClassUID == PYNETDICOM_IMPLEMENTATION_UID
+    assert ds.file_meta.ImplementationClassUID == dimse.IMPLEMENTATION_CLASS_UID
+    assert ds.file_meta.ImplementationVersionName == dimse.IMPLEMENTATION_VERSION_NAME
 
 
 def test_the_final_status_carries_the_sub_operation_counts(sample_pacs, tmp_path):
@@ -209,8 +212,8 @@ class ScriptedPeer:
                 message.primitive_to_message(store)
                 command = encode(message.command_set, True, True)
                 store_context = 3 + 2 * RETRIEVE_STORAGE_CLASSES.index(sc.CTImageStorage)
-                conn.sendall(dimse_stream._pdata(store_context, 0x03, command))
-                conn.sendall(dimse_stream._pdata(store_context, 0x00, b"\x08\x00\x16\x00" + b"\x00" * 1000))
+                conn.sendall(framing.pdata(store_context, 0x03, command))
+                conn.sendall(framing.pdata(store_context, 0x00, b"\x08\x00\x16\x00" + b"\x00" * 1000))
             else:  # "silence": the PACS never answers the C-GET
                 self.done.wait(30)
 
@@ -247,25 +250,25 @@ def test_the_storage_scp_files_by_move_originator_or_by_header_and_refuses_stran
     nothing of it stays behind; C-ECHO is answered; contexts we do not file are rejected one by one."""
     studies = sample_pacs.archive.studies
     by_move, by_header, stranger = studies[0].instances[0], studies[1].instances[0], studies[2].instances[0]
-    with DimseStudySource(name="t", host="127.0.0.1", port=1, called_ae="X", retrieve="move") as src:
+    with DimseStudySource(name="t", host="127.0.0.1", port=1, called_ae="PACS", retrieve="move") as src:
         port = src.move_port
         sink = src._sink
-        sink.expect(77, tmp_path / "move")
+        move_id = sink.expect(tmp_path / "move", str(by_move.StudyInstanceUID))
         sink.register(str(by_header.StudyInstanceUID), tmp_path / "header")
         (tmp_path / "move").mkdir()
         (tmp_path / "header").mkdir()
         quiet_pynetdicom()
         scu = AE(ae_title="PACS")
         scu.add_requested_context(sc.Verification)
-        scu.add_requested_context(sc.BasicStructuredDisplayStorage)  # not a class we file
+        scu.add_requested_context(sc.ModalityWorklistInformationFind)  # not a storage class
         for sop_class in {ds.SOPClassUID for ds in (by_move, by_header, stranger)}:
             scu.add_requested_context(sop_class, ExplicitVRLittleEndian)
         assoc = scu.associate("127.0.0.1", port, ae_title="NIGHTREAD")
         assert assoc.is_established
         try:
-            assert [c.abstract_syntax for c in assoc.rejected_contexts] == [sc.BasicStructuredDisplayStorage]
+            assert [c.abstract_syntax for c in assoc.rejected_contexts] == [sc.ModalityWorklistInformationFind]
             assert assoc.send_c_echo().Status == 0x0000
-            status = assoc.send_c_store(by_move, originator_aet="NIGHTREAD", originator_id=77)
+            status = assoc.send_c_store(by_move, originator_aet="NIGHTREAD", originator_id=move_id)
             assert status.Status == 0x0000
             assert assoc.send_c_store(by_header).Status == 0x0000
             assert assoc.send_c_store(stranger).Status == 0xA700
@@ -281,15 +284,16 @@ def test_the_storage_scp_files_by_move_originator_or_by_header_and_refuses_stran
 
 
 def test_the_storage_scp_survives_a_garbled_request_and_serves_the_next_association():
-    with DimseStudySource(name="t", host="127.0.0.1", port=1, called_ae="X", retrieve="move") as src:
+    with DimseStudySource(name="t", host="127.0.0.1", port=1, called_ae="PACS", retrieve="move") as src:
         port = src.move_port
         for garbage in (b"\x01\x00\x00\x00\x00\x05hello", b"\x04\x00\x00\x00\x00\x02xx", b"GET / HTTP/1.1\r\n\r\n"):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                s.sendall(garbage)
-                s.shutdown(socket.SHUT_WR)
                 answer = b""
-                while chunk := s.recv(4096):
-                    answer += chunk
+                with suppress(OSError):  # unread garbage makes the SCP's close a reset
+                    s.sendall(garbage)
+                    s.shutdown(socket.SHUT_WR)
+                    while chunk := s.recv(4096):
+                        answer += chunk
                 assert not answer.startswith(b"\x02"), "no association for garbage: an abort or nothing"
         quiet_pynetdicom()
         scu = AE(ae_title="PACS")
@@ -309,13 +313,11 @@ def test_hand_encoded_responses_are_the_bytes_pynetdicom_encodes(sop_instance):
     store.Status = 0xA700
     message = C_STORE_RSP()
     message.primitive_to_message(store)
-    ours = dimse_stream._response(
-        0x8001, message_id=7, sop_class=sc.CTImageStorage, sop_instance=sop_instance, status=0xA700
-    )
+    ours = framing.response(0x8001, message_id=7, sop_class=sc.CTImageStorage, sop_instance=sop_instance, status=0xA700)
     assert ours == encode(message.command_set, True, True)
-    parsed = dimse_stream._parse_command(ours)
-    assert dimse_stream._ui(parsed, 0x1000) == sop_instance
-    assert dimse_stream._us(parsed, 0x0900) == 0xA700
+    parsed = framing.parse_command(ours)
+    assert framing.ui(parsed, 0x1000) == sop_instance
+    assert framing.us(parsed, 0x0900) == 0xA700
 
     echo = C_ECHO()
     echo.MessageIDBeingRespondedTo = 3
@@ -323,21 +325,21 @@ def test_hand_encoded_responses_are_the_bytes_pynetdicom_encodes(sop_instance):
     echo.Status = 0x0000
     message = C_ECHO_RSP()
     message.primitive_to_message(echo)
-    ours = dimse_stream._response(0x8030, message_id=3, sop_class=sc.Verification, status=0x0000)
+    ours = framing.response(0x8030, message_id=3, sop_class=sc.Verification, status=0x0000)
     assert ours == encode(message.command_set, True, True)
 
 
 def test_the_storage_scp_rejects_associations_over_its_limit_as_transient(tmp_path):
-    server = dimse_stream.StreamingStorageServer(
+    server = dimse.StreamingStorageServer(
         ae_title="NIGHTREAD",
         host="127.0.0.1",
         port=0,
-        place=lambda request: dimse_stream.Placement(tmp_path / f"{uid_hash(request.sop_instance)}.dcm"),
+        place=lambda request: dimse.Placement(tmp_path / f"{uid_hash(request.sop_instance)}.dcm"),
         on_stored=lambda path, request: 0x0000,
         storage_classes=RETRIEVE_STORAGE_CLASSES,
         transfer_syntaxes=TRANSFER_SYNTAXES,
         timeout_s=10,
-        max_associations=1,
+        policy=dimse.EdgePolicy(max_associations=1),
     ).start()
     quiet_pynetdicom()
     scu = AE(ae_title="PACS")

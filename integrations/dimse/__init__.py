@@ -1,0 +1,39 @@
+"""nightread's DIMSE edge: everything that reads bytes a DICOM peer sends.
+
+    framing.py   the Upper Layer's PDUs and PDV items, DIMSE command sets, File Meta Information and
+                 the check that a received data set is complete; every length bounded (ProtocolError)
+    stream.py    the streaming receive path: C-GET (requestor) and the storage SCP (C-MOVE destination,
+                 `nightread listen`), one thread per association, each instance streamed to disk
+    tls.py       DICOM TLS contexts for both sides
+
+pynetdicom's own receivers stay selectable (`dimse_receiver="pynetdicom"`) for a peer the direct path
+cannot talk to; `receiver_choice` checks the name wherever a receiver is chosen.
+"""
+
+from __future__ import annotations
+
+from integrations.dimse.framing import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, MAX_PDU
+from integrations.dimse.stream import EdgePolicy, Placement, StoreRequest, StreamingStorageServer, c_get
+
+RECEIVERS = ("direct", "pynetdicom")  # the streaming receive path, or pynetdicom's own
+
+
+def receiver_choice(value: str) -> str:
+    """`value` if it names a receiver (RECEIVERS), else a ValueError naming the choices."""
+    if value not in RECEIVERS:
+        raise ValueError(f'dimse_receiver must be "direct" or "pynetdicom", not {value!r}')
+    return value
+
+
+__all__ = [
+    "IMPLEMENTATION_CLASS_UID",
+    "IMPLEMENTATION_VERSION_NAME",
+    "MAX_PDU",
+    "RECEIVERS",
+    "EdgePolicy",
+    "Placement",
+    "StoreRequest",
+    "StreamingStorageServer",
+    "c_get",
+    "receiver_choice",
+]
