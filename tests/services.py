@@ -15,8 +15,8 @@ import signal
 import socket
 import ssl
 import subprocess
-import threading
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable

@@ -1,5 +1,5 @@
-"""A test certificate authority made by the test (RSA: Orthanc's HTTPS server crashes on EC keys): a CA, a server certificate for 127.0.0.1/localhost, a
-client certificate, and a second CA nobody trusts (for the refusals). PEM files in one folder."""
+"""A test certificate authority made by the test: a CA, a server certificate for 127.0.0.1/localhost, a
+client certificate, and a second CA nobody trusts (for the refusals). RSA keys, PEM files in one folder."""
 
 from __future__ import annotations
 
