@@ -35,6 +35,10 @@ Unit = Literal["study", "image"]
 OPS = (">=", "<=", "!=", ">", "<", "=")
 STATES = ("pending", "confirmed", "rejected", "corrected", "reviewed")
 FIELDS = ("modality", "body_part", "view", "study_date", "model_version", "flagged", "review")
+MAX_LENGTH = 2000  # characters of an expression
+MAX_DEPTH = 20  # parentheses and `not`s nested in one another
+MAX_TERMS = 50  # terms (each one a subquery)
+MAX_ID = 2**63 - 1  # a database id (64-bit); larger numbers overflow the database driver
 _TOKEN = re.compile(
     r"\s*(?:(?P<num>\d+\.\d*|\.\d+|\d{4}-\d{2}-\d{2}|\d+)|(?P<op>>=|<=|!=|=|>|<)|(?P<punct>[(),])"
     r"|(?P<word>[A-Za-z_][A-Za-z0-9_]*)|(?P<str>'[^']*'|\"[^\"]*\"))"
@@ -84,6 +88,8 @@ class _Parser:
         self.text = text
         self.tokens = tokenize(text)
         self.i = 0
+        self.depth = 0
+        self.terms = 0
         self.ctx = ctx
         self.decided = latest_decisions()  # each finding's latest confirm/reject/correct (db.reviews)
 
@@ -137,13 +143,22 @@ class _Parser:
         return parts[0] if len(parts) == 1 else and_(*parts)
 
     def factor(self) -> ColumnElement[bool]:
-        if self.keyword("not"):
-            return not_(self.factor())
         tok = self.peek()
-        if tok is not None and tok.kind == "punct" and tok.text == "(":
+        if tok is not None and (
+            (tok.kind == "word" and tok.text.lower() == "not") or (tok.kind == "punct" and tok.text == "(")
+        ):
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise CohortSyntaxError(
+                    f"the expression nests parentheses and 'not' deeper than {MAX_DEPTH} levels (at position {tok.pos})"
+                )
             self.take()
-            inner = self.expr()
-            self.expect("punct", ")", "')'")
+            if tok.kind == "word":
+                inner = not_(self.factor())
+            else:
+                inner = self.expr()
+                self.expect("punct", ")", "')'")
+            self.depth -= 1
             return inner
         return self.atom()
 
@@ -152,6 +167,9 @@ class _Parser:
 
     def atom(self) -> ColumnElement[bool]:
         tok = self.expect("word", what="a question id or a field")
+        self.terms += 1
+        if self.terms > MAX_TERMS:
+            raise CohortSyntaxError(f"the expression has more than {MAX_TERMS} terms (at position {tok.pos})")
         name = tok.text.lower()
         if name == "review":
             return self.review_term(tok)
@@ -166,8 +184,8 @@ class _Parser:
         if name == "model_version":
             self.expect("op", "=", "'='")
             number = self.expect("num", what="a model version id").text
-            if not number.isdigit():
-                raise CohortSyntaxError(f"model_version takes a whole number, not {number!r}")
+            if not number.isdigit() or int(number) > MAX_ID:
+                raise CohortSyntaxError(f"model_version takes a whole number up to {MAX_ID}, not {number!r}")
             return self.findings_exist(col(Finding.model_version_id) == int(number))
         if name == "flagged":
             return self.findings_exist(col(Finding.flagged).is_(True))
@@ -296,8 +314,8 @@ def parse_where(
     text: str, *, unit: Unit = "study", model_version_id: int | None = None, known_questions: Sequence[str] = ()
 ) -> ColumnElement[bool]:
     """The SQL condition of a cohort expression over `Study` (unit study) or `Image` (unit image)."""
-    if len(text) > 2000:
-        raise CohortSyntaxError("the expression is longer than 2000 characters")
+    if len(text) > MAX_LENGTH:
+        raise CohortSyntaxError(f"the expression is {len(text)} characters long: at most {MAX_LENGTH} are allowed")
     ctx = Context(unit=unit, model_version_id=model_version_id, known_questions=frozenset(known_questions))
     if not text.strip():
         return ~false()

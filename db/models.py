@@ -16,6 +16,7 @@ def utcnow() -> dt.datetime:
 class StudyStatus:
     RECEIVING = "receiving"  # pushed instances still arriving (C-STORE receiver)
     NEW = "new"
+    RETRIEVING = "retrieving"  # an attempt is under way (counted); a dead process's are recovered
     INCOMPLETE = "incomplete"  # retrieval or processing did not finish; tried again next run
     DONE = "done"
     FAILED = "failed"  # gave up after max attempts (see `failure`)
@@ -200,7 +201,75 @@ class AppUser(SQLModel, table=True):
     role: str = Field(max_length=16)
     password_hash: str = Field(max_length=255)
     disabled: bool = False
+    # signed into every API token: a password change, reset or disable bumps it, and older tokens stop working
+    auth_version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class UserSession(SQLModel, table=True):
+    """A signed-in browser session of the review page. The cookie carries a random key; only its
+    SHA-256 is stored. Logout, a password change or reset and disabling the user end it here, so a
+    copied cookie stops working at once."""
+
+    __tablename__ = "user_session"
+    id: int | None = Field(default=None, primary_key=True)
+    key_hash: str = Field(max_length=64, unique=True, index=True)
+    user_id: int = Field(foreign_key="app_user.id", index=True)
+    client: str | None = Field(default=None, max_length=64)  # the address it logged in from
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    expires_at: dt.datetime
+    ended_at: dt.datetime | None = None
+    end_reason: str | None = Field(default=None, max_length=32)  # logout | password | disabled | ...
+
+
+class LoginThrottle(SQLModel, table=True):
+    """Failed logins of one user name (`user:NAME`, or `user#HMAC` for a name no user has) or one client
+    address (`addr:ADDRESS`) in the current window, and the lock they earned (db.reviews.LoginPolicy)."""
+
+    __tablename__ = "login_throttle"
+    key: str = Field(max_length=80, primary_key=True)
+    failures: int = 0
+    window_start: dt.datetime = Field(default_factory=utcnow)
+    locked_until: dt.datetime | None = None
+    lockouts: int = 0  # locks in a row without a successful login: each one lasts twice as long
+    refused: int = 0  # attempts refused during the current lock
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class AuditAction:
+    """What the audit log records (`audit_event.action`)."""
+
+    LOGIN_OK = "login_ok"
+    LOGIN_FAILED = "login_failed"  # wrong password, unknown or disabled user
+    LOGIN_LOCKED = "login_locked"  # a user name or address is locked after too many failures
+    LOGIN_REFUSED = "login_refused"  # an attempt refused while locked (the first of each lock)
+    LOGOUT = "logout"
+    PASSWORD_CHANGED = "password_changed"  # by the user, on the review page
+    USER_ADDED = "user_added"
+    USER_DISABLED = "user_disabled"
+    USER_ENABLED = "user_enabled"
+    USER_ROLE_SET = "user_role_set"
+    USER_PASSWORD_RESET = "user_password_reset"  # by an administrator
+    USER_UNLOCKED = "user_unlocked"
+    AUDIT_EXPORTED = "audit_exported"
+    COHORT_EXPORTED = "cohort_exported"
+    REIDENTIFIED = "reidentified"
+    MODEL_PROMOTED = "model_promoted"
+
+
+class AuditEvent(SQLModel, table=True):
+    """One security-relevant event: who (a user name, `cli:OSUSER`, or `unknown#HMAC` for a login name no
+    user has), what, on what, from where. Never a password, never patient data. Append-only (triggers
+    refuse UPDATE and DELETE, like `review`)."""
+
+    __tablename__ = "audit_event"
+    id: int | None = Field(default=None, primary_key=True)
+    at: dt.datetime = Field(default_factory=utcnow, index=True)
+    action: str = Field(max_length=32, index=True)
+    actor: str = Field(max_length=80)
+    subject: str | None = Field(default=None, max_length=80)  # the user, model version... acted on
+    client: str | None = Field(default=None, max_length=64)  # the client address, or "cli"
+    detail: str | None = Field(default=None, max_length=1000)
 
 
 class Decision:

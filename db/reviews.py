@@ -1,37 +1,145 @@
-"""Review data: users, the flag queue, a study's findings, decisions (append-only) and the audit trail.
+"""Review data: users, sessions, login throttling, the flag queue, a study's findings, decisions
+(append-only) and the audit log (append-only).
 
 Keyword-only arguments and an explicit `session`, no commits here, like `db.repository`. A finding's
-review state is its latest confirm / reject / correct decision; comments do not change it."""
+review state is its latest confirm / reject / correct decision; comments do not change it. Every change
+to a user writes an audit event naming who made it (`actor`); the audit log never holds a password or
+patient data."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
-from collections.abc import Sequence
+import getpass
+import hashlib
+import os
+import secrets
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
-from sqlalchemy import ColumnElement, Select, and_, case, func
+from sqlalchemy import ColumnElement, Select, and_, case, delete, func, or_
 from sqlalchemy import select as sa_select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
-from db.models import AppUser, Decision, Finding, Image, ModelVersion, Review, Role, Study, utcnow
+from db.models import (
+    AppUser,
+    AuditAction,
+    AuditEvent,
+    Decision,
+    Finding,
+    Image,
+    LoginThrottle,
+    ModelVersion,
+    Review,
+    Role,
+    Study,
+    UserSession,
+    utcnow,
+)
 
 State = Literal["pending", "confirmed", "rejected", "corrected", "any"]
 Order = Literal["critical", "uncertain"]
 STATE_OF_DECISION = {Decision.CONFIRM: "confirmed", Decision.REJECT: "rejected", Decision.CORRECT: "corrected"}
 DECISION_OF_STATE = {v: k for k, v in STATE_OF_DECISION.items()}
+SYSTEM_ACTOR = "system"  # code acting on its own (seeds, migrations of data), not a person
 
 
 class ReviewError(ValueError):
     """A decision or user change that is not allowed; the message says why."""
 
 
+# --- the audit log -----------------------------------------------------------------------------------
+
+
+def cli_actor() -> str:
+    """Who runs a command line: `cli:` and the operating-system user name."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (a bare container): name the uid instead
+        name = f"uid{os.getuid()}"
+    return f"cli:{name}"[:80]
+
+
+def audit(
+    *,
+    session: Session,
+    action: str,
+    actor: str,
+    subject: str | None = None,
+    client: str | None = None,
+    detail: str | None = None,
+    now: dt.datetime | None = None,
+) -> AuditEvent:
+    """Append one event to the audit log (`AuditAction` names the actions). Never pass a password or
+    patient data: user names, database ids, counts and addresses only."""
+    row = AuditEvent(
+        at=now or utcnow(),
+        action=action[:32],
+        actor=actor[:80],
+        subject=subject[:80] if subject else None,
+        client=client[:64] if client else None,
+        detail=detail[:1000] if detail else None,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+AUDIT_EVENT_FIELDS = ["id", "at", "action", "actor", "subject", "client", "detail"]
+
+
+def audit_events(*, session: Session) -> list[dict[str, Any]]:
+    """The audit log, oldest first, as rows for `write_csv` (fields `AUDIT_EVENT_FIELDS`)."""
+    rows = session.exec(select(AuditEvent).order_by(col(AuditEvent.id))).all()
+    return [
+        {
+            "id": r.id,
+            "at": r.at.isoformat(timespec="seconds"),
+            "action": r.action,
+            "actor": r.actor,
+            "subject": r.subject or "",
+            "client": r.client or "",
+            "detail": r.detail or "",
+        }
+        for r in rows
+    ]
+
+
+# cells a spreadsheet would run as a formula (OWASP, "CSV injection"): written with a leading '
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell that a spreadsheet shows as text: a string starting with = + - @ tab or CR gets a leading '."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def write_csv(*, rows: Iterable[dict[str, Any]], fields: Sequence[str], out: TextIO) -> int:
+    """Write `rows` as CSV (every cell quoted, formulas neutralised by `csv_cell`); returns the row count."""
+    writer = csv.DictWriter(out, fieldnames=list(fields), quoting=csv.QUOTE_ALL)
+    writer.writeheader()
+    count = 0
+    for row in rows:
+        writer.writerow({k: csv_cell(v) for k, v in row.items()})
+        count += 1
+    return count
+
+
 # --- users -----------------------------------------------------------------------------------------
 
 
-def add_user(*, session: Session, name: str, role: str, password_hash: str) -> AppUser:
+def _check_role(role: str) -> None:
     if role not in Role.ALL:
         raise ReviewError(f"unknown role {role!r}: use one of {', '.join(Role.ALL)}")
+
+
+def add_user(*, session: Session, name: str, role: str, password_hash: str, actor: str = SYSTEM_ACTOR) -> AppUser:
+    _check_role(role)
     if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ReviewError("a user name is 1-64 letters, digits, '.', '-' or '_'")
     if session.exec(select(AppUser).where(AppUser.name == name)).first() is not None:
@@ -39,6 +147,7 @@ def add_user(*, session: Session, name: str, role: str, password_hash: str) -> A
     user = AppUser(name=name, role=role, password_hash=password_hash)
     session.add(user)
     session.flush()
+    audit(session=session, action=AuditAction.USER_ADDED, actor=actor, subject=name, detail=f"role {role}")
     return user
 
 
@@ -50,13 +159,258 @@ def list_users(*, session: Session) -> list[AppUser]:
     return list(session.exec(select(AppUser).order_by(col(AppUser.name))).all())
 
 
-def disable_user(*, session: Session, name: str) -> AppUser:
+def _existing_user(session: Session, name: str) -> AppUser:
     user = get_user(session=session, name=name)
     if user is None:
         raise ReviewError(f"no user {name!r}")
-    user.disabled = True
-    session.add(user)
     return user
+
+
+def disable_user(*, session: Session, name: str, actor: str = SYSTEM_ACTOR, now: dt.datetime | None = None) -> AppUser:
+    """The user can no longer log in; their sessions end and their API tokens stop working."""
+    user = _existing_user(session, name)
+    now = now or utcnow()
+    user.disabled = True
+    user.auth_version += 1
+    session.add(user)
+    assert user.id is not None
+    ended = end_user_sessions(session=session, user_id=user.id, reason="disabled", now=now)
+    audit(
+        session=session, action=AuditAction.USER_DISABLED, actor=actor, subject=name, detail=f"{ended} session(s) ended"
+    )
+    return user
+
+
+def enable_user(*, session: Session, name: str, actor: str, now: dt.datetime | None = None) -> AppUser:
+    """The user can log in again; a login lock on their name is lifted too."""
+    user = _existing_user(session, name)
+    was_disabled = user.disabled
+    user.disabled = False
+    session.add(user)
+    refused = unlock(session=session, keys=[user_throttle_key(name)])
+    detail = ("was disabled" if was_disabled else "was not disabled") + (
+        f"; login lock lifted ({refused} attempt(s) refused during it)" if refused is not None else ""
+    )
+    audit(session=session, action=AuditAction.USER_ENABLED, actor=actor, subject=name, detail=detail, now=now)
+    return user
+
+
+def set_role(*, session: Session, name: str, role: str, actor: str) -> AppUser:
+    """A new role, in force at the user's next request (roles are read from the database every time)."""
+    _check_role(role)
+    user = _existing_user(session, name)
+    old = user.role
+    user.role = role
+    session.add(user)
+    audit(session=session, action=AuditAction.USER_ROLE_SET, actor=actor, subject=name, detail=f"{old} -> {role}")
+    return user
+
+
+def set_password(
+    *,
+    session: Session,
+    name: str,
+    password_hash: str,
+    actor: str,
+    by_admin: bool,
+    client: str | None = None,
+    now: dt.datetime | None = None,
+) -> AppUser:
+    """A new password: every session of the user ends and their API tokens stop working. An
+    administrator's reset (`by_admin`) also lifts a login lock on the name."""
+    user = _existing_user(session, name)
+    now = now or utcnow()
+    user.password_hash = password_hash
+    user.auth_version += 1
+    session.add(user)
+    assert user.id is not None
+    ended = end_user_sessions(session=session, user_id=user.id, reason="password", now=now)
+    detail = f"{ended} session(s) ended, API tokens revoked"
+    if by_admin:
+        refused = unlock(session=session, keys=[user_throttle_key(name)])
+        if refused is not None:
+            detail += f"; login lock lifted ({refused} attempt(s) refused during it)"
+    action = AuditAction.USER_PASSWORD_RESET if by_admin else AuditAction.PASSWORD_CHANGED
+    audit(session=session, action=action, actor=actor, subject=name, client=client, detail=detail, now=now)
+    return user
+
+
+# --- sessions of the review page ---------------------------------------------------------------------
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def start_session(*, session: Session, user: AppUser, client: str | None, max_age_s: int, now: dt.datetime) -> str:
+    """A new session for `user`; returns its key (for the signed cookie; only its hash is stored).
+    Sessions that have expired or ended are deleted on the way."""
+    assert user.id is not None
+    session.execute(
+        delete(UserSession).where(or_(col(UserSession.expires_at) < now, col(UserSession.ended_at).is_not(None)))
+    )
+    key = secrets.token_urlsafe(32)
+    session.add(
+        UserSession(
+            key_hash=_key_hash(key),
+            user_id=user.id,
+            client=client[:64] if client else None,
+            created_at=now,
+            expires_at=now + dt.timedelta(seconds=max_age_s),
+        )
+    )
+    session.flush()
+    return key
+
+
+def user_of_session(*, session: Session, key: str, now: dt.datetime) -> AppUser | None:
+    """The user of a live session (not ended, not expired, user not disabled), else None."""
+    row = session.exec(select(UserSession).where(UserSession.key_hash == _key_hash(key))).first()
+    if row is None or row.ended_at is not None or row.expires_at <= now:
+        return None
+    user = session.get(AppUser, row.user_id)
+    return user if user is not None and not user.disabled else None
+
+
+def end_session(*, session: Session, key: str, reason: str, now: dt.datetime) -> AppUser | None:
+    """End one session; returns its user (None when it was not live)."""
+    row = session.exec(select(UserSession).where(UserSession.key_hash == _key_hash(key))).first()
+    if row is None or row.ended_at is not None:
+        return None
+    row.ended_at = now
+    row.end_reason = reason
+    session.add(row)
+    session.flush()
+    return session.get(AppUser, row.user_id)
+
+
+def end_user_sessions(*, session: Session, user_id: int, reason: str, now: dt.datetime) -> int:
+    """End every live session of a user; returns how many."""
+    rows = session.exec(
+        select(UserSession).where(UserSession.user_id == user_id, col(UserSession.ended_at).is_(None))
+    ).all()
+    live = 0
+    for row in rows:
+        live += row.expires_at > now
+        row.ended_at = now
+        row.end_reason = reason
+        session.add(row)
+    session.flush()
+    return live
+
+
+# --- login throttling ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoginPolicy:
+    """How many failed logins a user name or a client address may have in `window_s` before it is
+    locked (0: no limit), and for how long: `lockout_s`, doubled for each further lock without a
+    successful login in between, at most `max_lockout_s`. An administrator lifts a lock at once
+    (`nightread users unlock`)."""
+
+    max_failures_per_user: int = 5
+    max_failures_per_address: int = 20
+    window_s: int = 900
+    lockout_s: int = 900
+    max_lockout_s: int = 24 * 3600
+
+
+def user_throttle_key(name: str) -> str:
+    """The throttle key of an existing user's name (names no user has are keyed by an HMAC, see review.auth)."""
+    return f"user:{name}"
+
+
+def address_throttle_key(address: str) -> str:
+    return f"addr:{address}"[:80]
+
+
+def _throttle_row(session: Session, key: str, now: dt.datetime) -> LoginThrottle:
+    """The throttle row of `key`, created if missing and locked for this transaction (Postgres)."""
+    fresh = LoginThrottle(key=key, failures=0, window_start=now, lockouts=0, refused=0, updated_at=now)
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):  # concurrent first failures of one key must not collide
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        values = fresh.model_dump(exclude={"locked_until"})
+        session.execute(insert(LoginThrottle).values(**values).on_conflict_do_nothing(index_elements=["key"]))
+    elif session.get(LoginThrottle, key) is None:
+        session.add(fresh)
+        session.flush()
+    query = select(LoginThrottle).where(LoginThrottle.key == key).with_for_update()
+    return session.exec(query.execution_options(populate_existing=True)).one()
+
+
+def active_lock(*, session: Session, keys: Sequence[str], now: dt.datetime) -> LoginThrottle | None:
+    """The longest lock in force on any of `keys`, else None."""
+    rows = session.exec(select(LoginThrottle).where(col(LoginThrottle.key).in_(list(keys)))).all()
+    locked = [r for r in rows if r.locked_until is not None and r.locked_until > now]
+    return max(locked, key=lambda r: r.locked_until or now) if locked else None
+
+
+def note_refused(*, session: Session, lock: LoginThrottle, now: dt.datetime) -> bool:
+    """Count an attempt refused by `lock`; True for the first one of this lock (the one worth auditing)."""
+    lock.refused += 1
+    lock.updated_at = now
+    session.add(lock)
+    session.flush()
+    return lock.refused == 1
+
+
+def note_failure(
+    *, session: Session, key: str, limit: int, policy: LoginPolicy, now: dt.datetime
+) -> dt.datetime | None:
+    """Count a failed login on `key`; returns the end of the lock this failure starts, else None."""
+    if limit <= 0:
+        return None
+    # forget names and addresses without a failure for a window plus the longest lock (unless locked)
+    stale = now - dt.timedelta(seconds=policy.window_s + policy.max_lockout_s)
+    session.execute(
+        delete(LoginThrottle).where(
+            col(LoginThrottle.updated_at) < stale,
+            or_(col(LoginThrottle.locked_until).is_(None), col(LoginThrottle.locked_until) < now),
+        )
+    )
+    row = _throttle_row(session, key, now)
+    if row.locked_until is not None and row.locked_until <= now:  # the last lock is over
+        row.locked_until = None
+        row.refused = 0
+    if (now - row.window_start).total_seconds() > policy.window_s:
+        row.failures = 0
+        row.window_start = now
+    row.failures += 1
+    row.updated_at = now
+    started: dt.datetime | None = None
+    if row.failures >= limit:
+        row.lockouts += 1
+        seconds = min(policy.lockout_s * 2 ** min(row.lockouts - 1, 20), policy.max_lockout_s)
+        row.locked_until = started = now + dt.timedelta(seconds=seconds)
+        row.failures = 0
+        row.refused = 0
+        row.window_start = now
+    session.add(row)
+    session.flush()
+    return started
+
+
+def note_success(*, session: Session, key: str) -> None:
+    """A successful login clears its user name's failures and lock history."""
+    session.execute(delete(LoginThrottle).where(col(LoginThrottle.key) == key))
+
+
+def unlock(*, session: Session, keys: Sequence[str], now: dt.datetime | None = None) -> int | None:
+    """Lift the locks (and forget the failures) of `keys`; returns how many attempts were refused during
+    the locks in force, or None when none was in force."""
+    now = now or utcnow()
+    rows = session.exec(select(LoginThrottle).where(col(LoginThrottle.key).in_(list(keys)))).all()
+    locked = [r for r in rows if r.locked_until is not None and r.locked_until > now]
+    session.execute(delete(LoginThrottle).where(col(LoginThrottle.key).in_(list(keys))))
+    return sum(r.refused for r in locked) if locked else None
+
+
+def locked_until(*, session: Session, name: str, now: dt.datetime | None = None) -> dt.datetime | None:
+    """When the login lock on a user's name ends, if one is in force."""
+    lock = active_lock(session=session, keys=[user_throttle_key(name)], now=now or utcnow())
+    return lock.locked_until if lock is not None else None
 
 
 # --- review state ------------------------------------------------------------------------------------
@@ -304,8 +658,24 @@ def decide(
     return row
 
 
+AUDIT_DECISION_FIELDS = [
+    "review_id",
+    "at",
+    "user",
+    "finding_id",
+    "study_id",
+    "question_id",
+    "model_version_id",
+    "decision",
+    "from_answer",
+    "to_answer",
+    "comment",
+]
+
+
 def audit_rows(*, session: Session) -> list[dict[str, Any]]:
-    """Every decision, oldest first, with who, when, what and from which value to which."""
+    """Every decision, oldest first, with who, when, what and from which value to which (fields
+    `AUDIT_DECISION_FIELDS`; write them with `write_csv`: comments are free text)."""
     rows = session.execute(
         sa_select(
             Review, col(AppUser.name), col(Finding.study_id), col(Finding.question_id), col(Finding.model_version_id)

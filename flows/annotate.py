@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,16 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydicom import Dataset
 
+from db import ledger
 from db import repository as repo
-from db.models import Image, ModelVersion, Study, StudyStatus, utcnow
+from db.models import Image, ModelVersion, Study, utcnow
 from db.session import session_scope
 from flows.runtime import Runtime
 from flows.selection import Decision, select
 from flows.settings import NightreadSettings
 from integrations.errors import (
     ConfigurationError,
+    Interrupted,
     NightreadError,
     PermanentError,
     RetrievalIncomplete,
@@ -363,55 +364,62 @@ def check_promoted(rt: Runtime) -> int:
 
 @task(name="process-study", cache_policy=NO_CACHE)
 def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, int]:
-    """One study end to end. Never raises for the study's own problems: they are recorded."""
+    """One study end to end, its state kept by the ledger. Never raises for the study's own problems:
+    they are recorded. A stop (rt.stopping) before the study's retrieval starts leaves it untouched;
+    during its attempt, the attempt is abandoned and not counted."""
     logger = get_run_logger()
     counts: Counter[str] = Counter()
     flow_settings = rt.settings.flow
-    workdir = Path(tempfile.mkdtemp(prefix=f"nightread-study-{study_id}-"))
-    with session_scope(rt.engine) as session:
-        study = session.get(Study, study_id)
-        assert study is not None
-        repo.update_study(session=session, study_id=study_id, attempts=study.attempts + 1)
+    workdir: Path | None = None
+    attempt_started = False
     try:
         with rt.fetch_gate:
+            rt.check_stop()
+            with session_scope(rt.engine) as session:
+                ledger.start_attempt(session=session, study_id=study_id)
+            attempt_started = True
+            workdir = rt.work_dir(f"study-{study_id}")
             retrieved = retrieve_study.with_options(
                 retries=flow_settings.retries, retry_delay_seconds=flow_settings.retry_delay_s
             )(rt, study_id, workdir / "dicom")
             counts["retrieved"] += 1
             counts["instances"] += len(retrieved.files)
+            rt.check_stop()
             rendered = render_study(rt, study_id, retrieved, run_id)
         image_ids = rendered.pop("image_ids")
         sources = rendered.pop("sources")
         counts.update(rendered)
+        rt.check_stop()
         model_version_id = ensure_model_version(rt)
         counts.update(
             annotate_images.with_options(
                 retries=flow_settings.retries, retry_delay_seconds=flow_settings.retry_delay_s
             )(rt, study_id, image_ids, model_version_id)
         )
+        rt.check_stop()
         counts.update(_report(rt, study_id, model_version_id, sources, run_id))
         with session_scope(rt.engine) as session:
-            study = repo.update_study(session=session, study_id=study_id, status=StudyStatus.DONE, last_error=None)
-            repo.resolve_failures(session=session, stage="study", object_ref=f"study:{study_id}")
+            study = ledger.finish(session=session, study_id=study_id)
             uid, source_id = study.study_instance_uid, study.source_id
         forget = getattr(rt.source(source_id), "forget", None) if source_id is not None else None
         if forget is not None:  # pushed studies leave the inbox once their results are recorded
             forget(uid)
         counts["studies_done"] += 1
     except Exception as exc:  # recorded below, never swallowed: the study's failure row says what happened
+        if isinstance(exc, Interrupted) or rt.stopping.is_set():  # a stop, not the study's fault
+            with session_scope(rt.engine) as session:
+                ledger.abandon(session=session, study_id=study_id, counted=attempt_started)
+            logger.warning("study %d: stopped before it finished; it stays pending", study_id)
+            counts["studies_interrupted"] += 1
+            return dict(counts)
+        message = str(exc) if isinstance(exc, NightreadError) else f"unexpected {type(exc).__name__}"
         with session_scope(rt.engine) as session:
-            study = session.get(Study, study_id)
-            assert study is not None
-            gave_up = isinstance(exc, PermanentError) or study.attempts >= flow_settings.max_attempts
-            status = StudyStatus.FAILED if gave_up else StudyStatus.INCOMPLETE
-            message = str(exc) if isinstance(exc, NightreadError) else f"unexpected {type(exc).__name__}"
-            repo.update_study(session=session, study_id=study_id, status=status, last_error=message[:1000])
-            repo.record_failure(
+            status = ledger.fail(
                 session=session,
-                stage="study",
-                object_ref=f"study:{study_id}",
-                error=exc if isinstance(exc, NightreadError) else message,
                 study_id=study_id,
+                error=exc if isinstance(exc, NightreadError) else message,
+                permanent=isinstance(exc, PermanentError),
+                max_attempts=flow_settings.max_attempts,
                 run_id=run_id,
             )
         logger.error(
@@ -424,7 +432,8 @@ def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, i
         )
         counts["studies_failed"] += 1
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
     return dict(counts)
 
 
@@ -437,5 +446,5 @@ def annotate_study(study_id: int, settings: NightreadSettings | None = None) -> 
         with session_scope(rt.engine) as session:
             if session.get(Study, study_id) is None:
                 raise ValueError(f"no study with id {study_id}")
-            repo.update_study(session=session, study_id=study_id, status=StudyStatus.INCOMPLETE, attempts=0)
+            ledger.reset(session=session, study_id=study_id)
         return process_study(rt, study_id, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -45,8 +46,42 @@ PREFECT_DEFAULTS = {
 }
 
 
+def _prefect_server_stops_with_us() -> None:
+    """Prefect's temporary API server (the ephemeral mode `run` and `demo` use) is a child process that
+    outlives a killed nightread, holding its port and its output pipe: started here with the kernel's
+    parent-death signal, it ends with us (pinned Prefect 3.8.8: `SubprocessASGIServer` starts it with
+    the `subprocess` module it imported, which this shim stands in for)."""
+    import subprocess
+    import types
+    from functools import partial
+
+    from prefect.server.api import server as prefect_server
+
+    from integrations.processes import stop_with_parent
+
+    module: Any = prefect_server
+    if isinstance(module.subprocess, types.SimpleNamespace):
+        return
+    shim = types.SimpleNamespace(**vars(subprocess))
+    shim.Popen = partial(subprocess.Popen, preexec_fn=stop_with_parent)
+    module.subprocess = shim
+
+
+# the commands that run flows on Prefect's temporary API server
+FLOW_COMMANDS = frozenset({"run", "demo", "backfill", "reannotate", "validate"})
+
+
 @app.callback()
-def _main() -> None:
+def _main(ctx: typer.Context) -> None:
+    # everything a command creates (the SQLite database, objects, the inbox, exports, Prefect's home and
+    # database, and what the servers it starts create) is its user's alone: files 0600, folders 0700
+    os.umask(0o077)
+    # a container stop or `kill` asks as Ctrl-C does: every command's KeyboardInterrupt path (a run
+    # stops its studies without failing them, servers stop their children) serves SIGTERM too
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if ctx.invoked_subcommand in FLOW_COMMANDS:
+        _prefect_server_stops_with_us()
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
@@ -96,6 +131,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] 
 
 
 def _status_data(settings: NightreadSettings) -> dict[str, Any]:
+    from db import ledger
     from db import repository as repo
     from db.migrate import current_revision, head_revision
     from db.session import make_engine, session_scope
@@ -105,7 +141,9 @@ def _status_data(settings: NightreadSettings) -> dict[str, Any]:
         if current_revision(engine) != head_revision():
             raise _fail("the database schema is not up to date: run `nightread db upgrade` first")
         with session_scope(engine) as session:
-            return repo.status_counts(session=session)
+            data = repo.status_counts(session=session)
+            data["stranded"] = ledger.stranded(session=session, max_attempts=settings.flow.max_attempts)
+            return data
     finally:
         engine.dispose()
 
@@ -127,6 +165,13 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="one JSON object
         "last run", "none" if last is None else f"#{last['id']} {last['kind']} {last['status']} {last['started_at']}"
     )
     console.print(table)
+    stranded = {key: n for key, n in data["stranded"].items() if n}
+    if stranded:  # work nobody will pick up as things stand; the next run recovers or fails it with a reason
+        console.print(
+            "[yellow]stranded:[/yellow] "
+            + ", ".join(f"{n} {key.replace('_', ' ')}" for key, n in stranded.items())
+            + " (the next `nightread run` recovers them, or fails them with a reason)"
+        )
 
 
 # --- running ----------------------------------------------------------------------------------------
@@ -781,6 +826,13 @@ def build_review_app(settings: NightreadSettings) -> Any:
         page_size=r.page_size,
         critical_ids=tuple(q.id for q in bank.questions if q.critical),
         question_texts={q.id: q.text for q in bank.questions},
+        login_max_failures=r.login_max_failures,
+        login_max_failures_per_address=r.login_max_failures_per_address,
+        login_window_s=r.login_window_s,
+        login_lockout_s=r.login_lockout_s,
+        api_docs=r.api_docs,
+        api_docs_assets=r.api_docs_assets,
+        hsts_max_age_s=r.hsts_max_age_s,
     )
     return create_app(engine=_engine_at_head(settings), store=build_store(settings), config=config)
 
@@ -796,8 +848,18 @@ def review(
     settings = _settings()
     application = build_review_app(settings)
     h, p = host or settings.review.host, port if port is not None else settings.review.port
-    console.print(f"review page on http://{h}:{p}/ (API docs at /docs after logging in)")
+    console.print(
+        f"review page on http://{h}:{p}/ (API schema at /openapi.json after logging in; "
+        "Swagger UI at /docs only with NIGHTREAD_REVIEW__API_DOCS)"
+    )
     uvicorn.run(application, host=h, port=p, log_level="warning", proxy_headers=False)
+
+
+def _read_new_password(password_stdin: bool) -> str:
+    """A new password from stdin (`--password-stdin`, one line) or a hidden prompt asked twice; never echoed."""
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return str(typer.prompt("password", hide_input=True, confirmation_prompt=True))
 
 
 @users_app.command("add")
@@ -806,21 +868,18 @@ def users_add(
     role: Annotated[str, typer.Option(help="reviewer | viewer | admin")] = "reviewer",
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
 ) -> None:
-    """Add a user; the password comes from stdin (`--password-stdin`) or a hidden prompt."""
+    """Add a user; the password comes from stdin (`--password-stdin`) or a hidden prompt. Audited."""
     from db import reviews
     from review.auth import hash_password
 
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    password = _read_new_password(password_stdin)
     try:
         hashed = hash_password(password)
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
     try:
         with _database() as session:
-            reviews.add_user(session=session, name=name, role=role, password_hash=hashed)
+            reviews.add_user(session=session, name=name, role=role, password_hash=hashed, actor=reviews.cli_actor())
     except reviews.ReviewError as exc:
         raise _fail(str(exc), 2) from None
     console.print(f"user {name} added ({role})")
@@ -828,14 +887,22 @@ def users_add(
 
 @users_app.command("list")
 def users_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON array")] = False) -> None:
-    """Every user with role and state (never a password hash)."""
+    """Every user with role and state, and the end of a login lock in force (never a password hash)."""
     from db import reviews
 
     with _database() as session:
-        rows: list[dict[str, Any]] = [
-            {"name": u.name, "role": u.role, "disabled": u.disabled, "created_at": u.created_at.isoformat()}
-            for u in reviews.list_users(session=session)
-        ]
+        rows: list[dict[str, Any]] = []
+        for u in reviews.list_users(session=session):
+            until = reviews.locked_until(session=session, name=u.name)
+            rows.append(
+                {
+                    "name": u.name,
+                    "role": u.role,
+                    "disabled": u.disabled,
+                    "locked_until": until.isoformat(timespec="seconds") if until else None,
+                    "created_at": u.created_at.isoformat(),
+                }
+            )
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
         return
@@ -843,57 +910,141 @@ def users_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON ar
     for column in ("name", "role", "state", "created"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["name"], r["role"], "disabled" if r["disabled"] else "active", r["created_at"][:19])
+        state = "disabled" if r["disabled"] else "active"
+        if r["locked_until"]:
+            state += f", locked until {r['locked_until']}"
+        table.add_row(r["name"], r["role"], state, r["created_at"][:19])
     console.print(table)
 
 
-@users_app.command("disable")
-def users_disable(name: Annotated[str, typer.Argument(help="user name")]) -> None:
-    """Disable a user: they can no longer log in, and their sessions and tokens stop working."""
+@contextmanager
+def _user_change() -> Iterator[tuple[Any, str]]:
+    """A session for one of db.reviews' user changes and this command line's user as the actor (the
+    change audits itself); committed at the end, and a refused change exits 2 with the reason."""
     from db import reviews
 
     try:
         with _database() as session:
-            reviews.disable_user(session=session, name=name)
+            yield session, reviews.cli_actor()
     except reviews.ReviewError as exc:
         raise _fail(str(exc), 2) from None
+
+
+@users_app.command("disable")
+def users_disable(name: Annotated[str, typer.Argument(help="user name")]) -> None:
+    """Disable a user: they can no longer log in, and their sessions and tokens stop working. Audited."""
+    from db import reviews
+
+    with _user_change() as (session, actor):
+        reviews.disable_user(session=session, name=name, actor=actor)
     console.print(f"user {name} disabled")
+
+
+@users_app.command("enable")
+def users_enable(name: Annotated[str, typer.Argument(help="user name")]) -> None:
+    """Enable a disabled user again (and lift a login lock on the name). Audited."""
+    from db import reviews
+
+    with _user_change() as (session, actor):
+        reviews.enable_user(session=session, name=name, actor=actor)
+    console.print(f"user {name} enabled")
+
+
+@users_app.command("set-role")
+def users_set_role(
+    name: Annotated[str, typer.Argument(help="user name")],
+    role: Annotated[str, typer.Argument(help="reviewer | viewer | admin")],
+) -> None:
+    """Give a user another role (in force at their next request). Audited."""
+    from db import reviews
+
+    with _user_change() as (session, actor):
+        reviews.set_role(session=session, name=name, role=role, actor=actor)
+    console.print(f"user {name} is now {role}")
+
+
+@users_app.command("reset-password")
+def users_reset_password(
+    name: Annotated[str, typer.Argument(help="user name")],
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
+) -> None:
+    """Set a new password (stdin or a hidden prompt): the user's sessions end, their API tokens stop
+    working, and a login lock on the name is lifted. Audited."""
+    from db import reviews
+    from review.auth import hash_password
+
+    password = _read_new_password(password_stdin)
+    try:
+        hashed = hash_password(password)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    with _user_change() as (session, actor):
+        reviews.set_password(session=session, name=name, password_hash=hashed, actor=actor, by_admin=True)
+    console.print(f"password of {name} reset; their sessions and API tokens no longer work")
+
+
+@users_app.command("unlock")
+def users_unlock(
+    name: Annotated[str | None, typer.Argument(help="user name whose login lock to lift")] = None,
+    address: Annotated[str | None, typer.Option(help="also lift the lock on this client address")] = None,
+) -> None:
+    """Lift a login lock (too many failed logins) on a user name, a client address, or both. Audited."""
+    from db import reviews
+    from db.models import AuditAction
+
+    if name is None and address is None:
+        raise _fail("name a user, or give --address", 2)
+    with _database() as session:
+        if name is not None and reviews.get_user(session=session, name=name) is None:
+            raise _fail(f"no user {name!r}", 2)
+        for subject, key in (
+            (name, reviews.user_throttle_key(name) if name else None),
+            (address, reviews.address_throttle_key(address) if address else None),
+        ):
+            if subject is None or key is None:
+                continue
+            refused = reviews.unlock(session=session, keys=[key])
+            detail = "was not locked" if refused is None else f"lock lifted; {refused} attempt(s) refused during it"
+            reviews.audit(
+                session=session,
+                action=AuditAction.USER_UNLOCKED,
+                actor=reviews.cli_actor(),
+                subject=subject,
+                client="cli",
+                detail=detail,
+            )
+            console.print(f"{subject}: {detail}")
 
 
 @audit_app.command("export")
 def audit_export(
     out: Annotated[Path, typer.Option("--out", help="CSV file to write ('-' for stdout)")] = Path("-"),
+    events: Annotated[
+        bool, typer.Option("--events", help="the audit log (logins, user changes, exports) instead of the decisions")
+    ] = False,
 ) -> None:
-    """Every review decision (who, when, what, from which answer to which) as CSV, oldest first."""
-    import csv
-
+    """Every review decision (who, when, what, from which answer to which), or with --events the audit log,
+    as CSV, oldest first. Cells a spreadsheet would run as formulas start with a '. Audited."""
     from db import reviews
+    from db.models import AuditAction
 
     with _database() as session:
-        rows = reviews.audit_rows(session=session)
-    fields = [
-        "review_id",
-        "at",
-        "user",
-        "finding_id",
-        "study_id",
-        "question_id",
-        "model_version_id",
-        "decision",
-        "from_answer",
-        "to_answer",
-        "comment",
-    ]
+        rows = reviews.audit_events(session=session) if events else reviews.audit_rows(session=session)
+        what = "audit event(s)" if events else "decision(s)"
+        reviews.audit(
+            session=session,
+            action=AuditAction.AUDIT_EXPORTED,
+            actor=reviews.cli_actor(),
+            client="cli",
+            detail=f"{len(rows)} {what} to {'stdout' if str(out) == '-' else 'a file'}",
+        )
+    fields = reviews.AUDIT_EVENT_FIELDS if events else reviews.AUDIT_DECISION_FIELDS
     if str(out) == "-":
-        writer = csv.DictWriter(sys.stdout, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+        reviews.write_csv(rows=rows, fields=fields, out=sys.stdout)
         return
     with out.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    console.print(f"{len(rows)} decision(s) written to {out}")
+        reviews.write_csv(rows=rows, fields=fields, out=fh)
+    console.print(f"{len(rows)} {what} written to {out}")
 
 
 # --- cohorts --------------------------------------------------------------------------------------------
@@ -1129,12 +1280,13 @@ def models_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON a
 @models_app.command("promote")
 def models_promote(model_version: Annotated[int, typer.Argument(help="model version id (see `models list`)")]) -> None:
     """Make a model version the default; refused unless its latest validation meets NIGHTREAD_VALIDATION__*."""
+    from db import reviews
     from flows.validation import promote
 
     settings = _settings()
     engine = _engine_at_head(settings)
     try:
-        mv = promote(engine, model_version_id=model_version, minimums=settings.validation)
+        mv = promote(engine, model_version_id=model_version, minimums=settings.validation, actor=reviews.cli_actor())
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
     except PermissionError as exc:
@@ -1237,6 +1389,9 @@ app.add_typer(deid_app, name="deid")
 @deid_app.command("reidentify")
 def deid_reidentify(pseudonym: Annotated[str, typer.Argument(help="a pseudonym from a de-identified export")]) -> None:
     """The original identifier behind a pseudonym (needs the de-identification key; an admin's task)."""
+    from db import reviews
+    from db.models import AuditAction
+    from db.session import session_scope
     from flows.deid_export import reidentify
     from flows.runtime import Runtime
 
@@ -1244,6 +1399,15 @@ def deid_reidentify(pseudonym: Annotated[str, typer.Argument(help="a pseudonym f
     _upgrade(settings)
     with Runtime.build(settings) as rt:
         found = reidentify(rt, pseudonym)
+        with session_scope(rt.engine) as session:  # who asked, and what kinds were found (never the originals)
+            reviews.audit(
+                session=session,
+                action=AuditAction.REIDENTIFIED,
+                actor=reviews.cli_actor(),
+                subject=pseudonym[:80],
+                client="cli",
+                detail=f"{len(found)} original(s): {', '.join(k for k, _ in found) or 'none'}",
+            )
     if not found:
         raise _fail("no such pseudonym", 1)
     for kind, original in found:

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from db import ledger
 from db import repository as repo
 from db.models import PacsSource, utcnow
 from db.session import session_scope
@@ -23,9 +24,12 @@ from flows.settings import NightreadSettings
 from integrations.ports import StudyRef
 
 
-def _since(source: PacsSource, lookback_days: int) -> dt.datetime:
+def _since(source: PacsSource, lookback_days: int, requery_days: int = 0) -> dt.datetime:
+    """Where discovery starts: `requery_days` before the cursor (a study archived late with an earlier
+    date is still found; registration is idempotent), or `lookback_days` back the first time."""
     if source.cursor_date:
-        return dt.datetime.strptime(f"{source.cursor_date}{source.cursor_time or '000000'}", "%Y%m%d%H%M%S")
+        cursor = dt.datetime.strptime(f"{source.cursor_date}{source.cursor_time or '000000'}", "%Y%m%d%H%M%S")
+        return cursor - dt.timedelta(days=requery_days)
     today = dt.datetime.combine(dt.date.today(), dt.time())
     return today - dt.timedelta(days=lookback_days)
 
@@ -51,7 +55,8 @@ def register_refs(*, session: Any, source_id: int, refs: Sequence[StudyRef]) -> 
 
 @task(name="discover-studies", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
 def discover_studies(rt: Runtime, source_id: int) -> dict[str, int]:
-    """C-FIND/QIDO from the source's cursor; register new studies and move the cursor in one transaction."""
+    """C-FIND/QIDO from the source's cursor (less its re-query window); register new studies and move the
+    cursor in one transaction."""
     p = rt.source_settings(source_id)
     if p.kind == "push":  # nothing to query: pushed studies that are complete become new
         quiet_before = utcnow() - dt.timedelta(seconds=p.quiet_period_s)
@@ -61,7 +66,7 @@ def discover_studies(rt: Runtime, source_id: int) -> dict[str, int]:
     with session_scope(rt.engine) as session:
         source = session.get(PacsSource, source_id)
         assert source is not None
-        since = _since(source, p.lookback_days)
+        since = _since(source, p.lookback_days, p.requery_days)
     counts: Counter[str] = Counter()
     refs = find_since(
         rt.source(source_id),
@@ -90,12 +95,18 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
     with Runtime.build(settings) as rt:
         source_ids = rt.register_sources()
         with session_scope(rt.engine) as session:
+            recovered = ledger.recover(session=session)
             run_id = repo.start_run(
                 session=session,
                 kind="nightly",
                 flow_run_id=flow_run_id,
-                parameters={"sources": [rt.source_settings(i).name for i in source_ids]},
+                parameters={"sources": [rt.source_settings(i).name for i in source_ids], "owner": ledger.owner()},
             )
+            counts["studies_given_up"] = ledger.give_up_exhausted(
+                session=session, max_attempts=settings.flow.max_attempts, run_id=run_id
+            )
+        counts["runs_recovered"], counts["studies_recovered"] = recovered.runs, recovered.studies
+        counts["work_folders_removed"] = rt.clean_work()
         status = "failed"
         try:
             if settings.inference.backend == "triton":
@@ -130,17 +141,27 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
                 pending = [
                     s.id
                     for source_id in source_ids
-                    for s in repo.pending_studies(
+                    for s in ledger.pending(
                         session=session, max_attempts=settings.flow.max_attempts, source_id=source_id
                     )
                 ]
             counts["pending"] = len(pending)
             logger.info("discovered %d studies (%d new); %d to process", counts["found"], counts["new"], len(pending))
             futures = [process_study.submit(rt, study_id, run_id) for study_id in pending if study_id is not None]
-            for future in futures:
-                counts.update(future.result())
+            try:
+                for future in futures:
+                    counts.update(future.result())
+            except BaseException:  # SIGTERM, Ctrl-C or a cancellation: stop cleanly, fail nothing
+                status = ledger.INTERRUPTED
+                stop_studies(rt, futures, counts)
+                raise
             failed = counts["studies_failed"] or counts["failed"] or counts["sources_failed"]
             status = "completed_with_failures" if failed else "completed"
+        except BaseException as exc:  # a stop before the studies started (or while discovering) is one too
+            if not isinstance(exc, Exception) or rt.stopping.is_set():
+                rt.stopping.set()
+                status = ledger.INTERRUPTED
+            raise
         finally:
             result: dict[str, Any] = {**counts, "wall_s": round(time.perf_counter() - started, 2)}
             if rt.model_note:
@@ -149,6 +170,18 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
                 repo.finish_run(session=session, run_id=run_id, status=status, counts=result)
     result["run_id"] = run_id
     return result
+
+
+def stop_studies(rt: Runtime, futures: Sequence[Any], counts: Counter[str]) -> None:
+    """A stop: studies not started stay pending; those in flight end at their next checkpoint and are
+    abandoned without counting their attempt. Waits for them, so nothing is closed under their feet;
+    a second stop while waiting gives up waiting (the next run recovers what is left)."""
+    rt.stopping.set()
+    get_run_logger().warning("stopping: %d studies in this run end without being failed", len(futures))
+    for future in futures:
+        future.wait()
+        if future.state.is_completed():
+            counts.update(future.result())
 
 
 def run_nightly(settings: NightreadSettings) -> dict[str, Any]:

@@ -5,6 +5,9 @@ Built once per flow run at the edge and handed to tasks; nothing here exists at 
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -13,12 +16,13 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from db.ledger import process_alive
 from db.session import make_engine
 from flows.questions import QuestionBank, load_bank
 from flows.selection import RuleSet, load_rules
 from flows.settings import NightreadSettings, PacsSettings, TlsSettings
 from integrations.dimse.tls import TlsConfig
-from integrations.errors import ConfigurationError
+from integrations.errors import ConfigurationError, Interrupted
 from integrations.pacs import DimseStudySource
 from integrations.ports import Annotator, ObjectStore, StudySource
 from integrations.storage import LocalObjectStore, S3ObjectStore
@@ -64,7 +68,9 @@ def dicomweb_auth(p: PacsSettings) -> tuple[str, str] | None:
     return None
 
 
-def build_source(p: PacsSettings, *, inbox: Path) -> StudySource:
+def build_source(
+    p: PacsSettings, *, inbox: Path, stop: threading.Event | None = None, work_root: Path | None = None
+) -> StudySource:
     """The adapter for one configured source."""
     if p.kind == "push":
         from integrations.receiver import InboxStudySource
@@ -96,6 +102,10 @@ def build_source(p: PacsSettings, *, inbox: Path) -> StudySource:
         move_allowed_aes=p.move_allowed_aes,
         move_allowed_hosts=p.move_allowed_hosts,
         tls=tls_config(p.tls),
+        stop=stop,
+        staging_root=work_root,
+        deadline_base_s=p.retrieve_deadline_s,
+        deadline_per_instance_s=p.retrieve_deadline_per_instance_s,
     )
 
 
@@ -115,6 +125,7 @@ def build_annotator(settings: NightreadSettings) -> tuple[Annotator, str]:
             max_in_flight=t.max_in_flight,
             retries=t.retries,
             backoff_s=t.backoff_s,
+            outage_s=t.outage_s,
         )
         info = triton.check_ready()  # before the run starts: server and model ready, provenance known
         note = f"model {info.name} ({info.revision}) on Triton at {t.url}"
@@ -176,6 +187,9 @@ class Runtime:
     # retrieval and rendering (PACS and CPU work) are bounded by flow.concurrency; a study waiting on
     # the annotator does not hold one of these slots
     fetch_gate: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(1))
+    # set by a stop (SIGTERM, Ctrl-C, a cancellation): studies not yet started stay pending, studies in
+    # flight end at their next checkpoint (a direct C-GET at its next PDU) without failing
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def build(cls, settings: NightreadSettings) -> Runtime:
@@ -210,7 +224,10 @@ class Runtime:
                 pacs = configured.get(row.name) or PacsSettings.model_validate(row.config)
                 with self._lock:
                     if row.id not in self._sources:
-                        self._sources[row.id] = (pacs, build_source(pacs, inbox=self.settings.inbox))
+                        source = build_source(
+                            pacs, inbox=self.settings.inbox, stop=self.stopping, work_root=self.work_root
+                        )
+                        self._sources[row.id] = (pacs, source)
                 ids.append(row.id)
             return ids
 
@@ -226,6 +243,31 @@ class Runtime:
 
     def source_settings(self, source_id: int) -> PacsSettings:
         return self._source_entry(source_id)[0]
+
+    def check_stop(self) -> None:
+        """A checkpoint: Interrupted once a stop was asked for."""
+        if self.stopping.is_set():
+            raise Interrupted("nightread is stopping")
+
+    @property
+    def work_root(self) -> Path:
+        """This process's scratch folder (data_dir/work/<pid>); a dead process's is removed by `clean_work`."""
+        return self.settings.data_dir / "work" / str(os.getpid())
+
+    def work_dir(self, name: str) -> Path:
+        """A fresh scratch folder for one study (retrieved DICOM files: 0700, removed when done)."""
+        self.work_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.work_root))
+
+    def clean_work(self) -> int:
+        """Remove the scratch folders of processes that are gone (a crash leaves complete DICOM files)."""
+        removed = 0
+        root = self.settings.data_dir / "work"
+        for folder in root.glob("*") if root.is_dir() else []:
+            if folder.name.isdigit() and int(folder.name) != os.getpid() and not process_alive(int(folder.name)):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        return removed
 
     def annotator(self) -> Annotator:
         """Loaded on first use (a run with nothing to annotate never loads a model)."""

@@ -7,19 +7,25 @@ one data dir, the in-process model and the built-in sample PACS.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 
 
 class DatabaseSettings(BaseModel):
-    url: str | None = Field(
+    # secret: the URL may carry the database password, and settings travel as Prefect flow-run parameters
+    # (stored by Prefect) and into logs and errors; SecretStr prints and serializes as ********** there
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    url: SecretStr | None = Field(
         default=None,
-        description="SQLAlchemy URL (sqlite:///… or postgresql+psycopg://…); default: a SQLite file in data_dir",
+        description="SQLAlchemy URL (sqlite:///… or postgresql+psycopg://user:password@host/db), kept secret; "
+        "default: a SQLite file in data_dir",
     )
     pool_size: int = Field(default=5, ge=1)
     max_overflow: int = Field(default=5, ge=0)
@@ -27,6 +33,8 @@ class DatabaseSettings(BaseModel):
 
 
 class StorageSettings(BaseModel):
+    model_config = ConfigDict(hide_input_in_errors=True)  # a validation error never echoes the secret key
+
     backend: Literal["local", "s3"] = "local"
     root: Path | None = Field(default=None, description="local backend: folder; default data_dir/objects")
     endpoint: str = "127.0.0.1:9000"
@@ -89,7 +97,19 @@ class PacsSettings(BaseModel):
         default="direct",
         description="C-GET/C-MOVE: nightread's receiver (one thread per association, streams to disk) or pynetdicom's",
     )
-    timeout_s: float = Field(default=30.0, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0, description="per read: a PACS silent this long is gone")
+    retrieve_deadline_s: float | None = Field(
+        default=600.0, gt=0, description="a study's whole retrieval may take this long, plus the per-instance allowance"
+    )
+    retrieve_deadline_per_instance_s: float = Field(
+        default=2.0, ge=0, description="added to retrieve_deadline_s for each instance the study is said to have"
+    )
+    requery_days: int = Field(
+        default=7,
+        ge=0,
+        le=365,
+        description="each discovery asks again this many days before its cursor (late arrivals)",
+    )
     modalities: list[str] = Field(default_factory=list, description="only studies with these modalities")
     lookback_days: int = Field(default=7, ge=0, description="first discovery looks back this far")
     quiet_period_s: float = Field(
@@ -109,6 +129,10 @@ class PacsSettings(BaseModel):
     def _url_for_dicomweb(self) -> PacsSettings:
         if self.kind == "dicomweb" and not self.url:
             raise ValueError(f'source "{self.name}": kind dicomweb needs a url')
+        if self.url and "@" in self.url.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError(
+                f'source "{self.name}": credentials go in username/password or token (kept secret), not in the url'
+            )
         if self.kind == "push" and self.write_back:
             raise ValueError(f'source "{self.name}": a push source has no PACS to write back to')
         return self
@@ -179,6 +203,9 @@ class TritonSettings(BaseModel):
     max_in_flight: int = Field(default=16, ge=1, le=256, description="requests in flight (lets batches form)")
     retries: int = Field(default=3, ge=0, le=10)
     backoff_s: float = Field(default=0.5, ge=0)
+    outage_s: float = Field(
+        default=90.0, ge=0, description="keep retrying a transient failure this long (a Triton restart)"
+    )
     # `nightread triton serve` (development server from the nvidia-pytriton wheel)
     repository: Path = Field(default=Path("deploy/triton/model_repository"))
     instance_count: int = Field(default=1, ge=1, le=16)
@@ -230,6 +257,21 @@ class ReviewSettings(BaseModel):
         description="keep patient name/ID/accession of each study and show them on the page (off: never stored)",
     )
     page_size: int = Field(default=25, ge=1, le=500)
+    login_max_failures: int = Field(
+        default=5, ge=0, description="failed logins of one name within login_window_s before a lock (0: no limit)"
+    )
+    login_max_failures_per_address: int = Field(
+        default=20, ge=0, description="the same per client address (0: no limit; behind a proxy, raise it)"
+    )
+    login_window_s: int = Field(default=900, ge=1, description="window failed logins are counted in")
+    login_lockout_s: int = Field(
+        default=900, ge=1, description="first lock; each further one doubles, at most a day (`users unlock` lifts it)"
+    )
+    api_docs: bool = Field(default=False, description="Swagger UI at /docs behind login (needs api_docs_assets)")
+    api_docs_assets: Path | None = Field(
+        default=None, description="folder with swagger-ui-bundle.js and swagger-ui.css (never a CDN)"
+    )
+    hsts_max_age_s: int = Field(default=365 * 24 * 3600, ge=0, description="HSTS max-age, sent over https only")
 
 
 class ValidationSettings(BaseModel):
@@ -296,7 +338,11 @@ class FlowSettings(BaseModel):
 
 class NightreadSettings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="NIGHTREAD_", env_nested_delimiter="__", extra="ignore", validate_default=True
+        env_prefix="NIGHTREAD_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        validate_default=True,
+        hide_input_in_errors=True,  # a validation error would otherwise echo every setting, secrets included
     )
 
     data_dir: Path = Field(default=Path(".nightread"), description="where embedded defaults keep their files")
@@ -340,7 +386,9 @@ class NightreadSettings(BaseSettings):
 
     @property
     def database_url(self) -> str:
-        return self.database.url or f"sqlite:///{self.data_dir / 'nightread.db'}"
+        """The database URL in clear, for the engine and migrations only: show it with mask_url()."""
+        url = self.database.url.get_secret_value() if self.database.url is not None else ""
+        return url or f"sqlite:///{self.data_dir / 'nightread.db'}"
 
     @property
     def inbox(self) -> Path:
@@ -362,11 +410,13 @@ class NightreadSettings(BaseSettings):
         return data
 
 
+# user:password@ (up to the last @ before a query: an unencoded @ or / in a password stays hidden) and
+# password query parameters
+_URL_PASSWORD = re.compile(r"^(?P<head>[\w+.-]+://[^:/@?#]*):[^?#]*@")
+_QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd)=)[^&#]*")
+
+
 def mask_url(url: str) -> str:
-    """postgresql+psycopg://user:secret@host/db -> postgresql+psycopg://user:***@host/db"""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user, colon, _pw = creds.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
+    """A URL fit to show: postgresql+psycopg://user:secret@host/db -> postgresql+psycopg://user:***@host/db
+    (a password=... query parameter becomes *** too)."""
+    return _QUERY_PASSWORD.sub(r"\g<key>***", _URL_PASSWORD.sub(r"\g<head>:***@", url, count=1))

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from sqlmodel import Session, col, select
 
 from db import reviews
-from db.models import Finding, Image, ModelVersion, ValidationRun, utcnow
+from db.models import AuditAction, Finding, Image, ModelVersion, ValidationRun, utcnow
 from db.session import session_scope
 from flows.annotate import calibrate, ensure_model_version
 from flows.metrics import (
@@ -296,9 +296,9 @@ def gate_failures(run: ValidationRun | None, minimums: ValidationSettings) -> li
     return problems
 
 
-def promote(engine: Any, *, model_version_id: int, minimums: ValidationSettings) -> ModelVersion:
+def promote(engine: Any, *, model_version_id: int, minimums: ValidationSettings, actor: str = "system") -> ModelVersion:
     """Make a model version the promoted default; refuses (PermissionError, with every reason) unless
-    its latest validation run meets the minimums."""
+    its latest validation run meets the minimums. The promotion is audited under `actor`."""
     with session_scope(engine) as session:
         mv = session.get(ModelVersion, model_version_id)
         if mv is None:
@@ -316,6 +316,14 @@ def promote(engine: Any, *, model_version_id: int, minimums: ValidationSettings)
             session.add(other)
         mv.promoted_at = utcnow()
         session.add(mv)
+        reviews.audit(
+            session=session,
+            action=AuditAction.MODEL_PROMOTED,
+            actor=actor,
+            subject=f"model_version:{mv.id}",
+            client="cli",
+            detail=f"{mv.name} {mv.revision or ''}".strip()[:400],
+        )
         session.flush()
         session.expunge(mv)
         return mv

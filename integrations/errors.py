@@ -1,6 +1,7 @@
 """The exception tree every adapter raises (after httpx's documented hierarchy).
 
     NightreadError
+    ├── Interrupted           a stop (SIGTERM, Ctrl-C, a cancellation) ended the work: not its fault
     ├── TransientError        retried by the flows (network, busy peer, incomplete transfer)
     │   └── RetrievalIncomplete
     └── PermanentError        recorded as a failure, never retried
@@ -21,6 +22,11 @@ from typing import Any
 
 class NightreadError(Exception):
     """Base class of every error nightread raises on purpose."""
+
+
+class Interrupted(NightreadError):
+    """A stop ended the work before it finished: neither retried now nor counted against the work;
+    the next run takes it up again."""
 
 
 class TransientError(NightreadError):

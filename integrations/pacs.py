@@ -148,10 +148,36 @@ STORAGE_SCP_CLASSES: list[UID] = [UID(cx.abstract_syntax) for cx in AllStoragePr
 
 
 def quiet_pynetdicom() -> None:
-    """Never log query identifiers (they hold patient names and IDs); keep pynetdicom's chatter down."""
+    """Never log query identifiers (they hold patient names and IDs); keep pynetdicom's chatter down;
+    and close pynetdicom's reactor race (below) before any association runs."""
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    _close_reactor_race()
+
+
+def _close_reactor_race() -> None:
+    """pynetdicom 3.0.4: a `send_*()` call pauses the association's reactor by clearing its checkpoint
+    and waiting for `_is_paused`, but the reactor sets `_is_paused = True` just before its wait() returns,
+    so the sender can see a stale True and send while the reactor is on its way to `get_msg(block=False)`.
+    A peer that answers within microseconds (nightread's own storage SCP, answering as soon as the last
+    fragment is in) then has its response taken by the reactor as an unexpected request ("Received
+    unexpected C-STORE service message"), and the sender waits out its DIMSE timeout (pynetdicom issues
+    435, 875). Here the reactor takes nothing while a sender has the checkpoint cleared: its get_msg is
+    the only non-blocking one, the senders' block."""
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    if getattr(DIMSEServiceProvider.get_msg, "_nightread", False):
+        return
+    original = DIMSEServiceProvider.get_msg
+
+    def get_msg(self: Any, block: bool = False) -> Any:
+        if not block and not self.assoc._reactor_checkpoint.is_set():
+            return None, None  # a send_*() is waiting for this message: leave it on the queue
+        return original(self, block)
+
+    get_msg._nightread = True  # type: ignore[attr-defined]
+    DIMSEServiceProvider.get_msg = get_msg  # type: ignore[method-assign]
 
 
 def tune_association(assoc: Any) -> None:
@@ -188,6 +214,28 @@ def nightread_ae(ae_title: str) -> AE:
     ae.implementation_class_uid = dimse.IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = dimse.IMPLEMENTATION_VERSION_NAME
     return ae
+
+
+@contextmanager
+def _abort_after(assoc: Any, seconds: float | None) -> Iterator[threading.Event]:
+    """Within the block, a pynetdicom association is aborted once `seconds` have passed (the event
+    says so): a deadline for a whole C-GET or C-MOVE, however slowly the PACS answers."""
+    passed = threading.Event()
+    if seconds is None:
+        yield passed
+        return
+
+    def expire() -> None:
+        passed.set()
+        assoc.abort()
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield passed
+    finally:
+        timer.cancel()
 
 
 @contextmanager
@@ -377,10 +425,10 @@ class _StoreSink:
         return 0x0000
 
 
-def _c_get_in_worker(config: dict[str, Any], identifier: Dataset, dest: str) -> None:
+def _c_get_in_worker(config: dict[str, Any], identifier: Dataset, dest: str, deadline_s: float | None) -> None:
     """One C-GET in a worker process (module level, so a spawned process can import it)."""
     source = DimseStudySource(**config, retrieve="get", parallel=1)
-    source._c_get(identifier, dest=Path(dest))
+    source._c_get(identifier, dest=Path(dest), deadline_s=deadline_s)
 
 
 class DimseStudySource:
@@ -403,7 +451,15 @@ class DimseStudySource:
         move_allowed_aes: Sequence[str] = (),
         move_allowed_hosts: Sequence[str] = (),
         tls: TlsConfig | None = None,
+        stop: threading.Event | None = None,
+        staging_root: Path | None = None,
+        deadline_base_s: float | None = None,
+        deadline_per_instance_s: float = 0.0,
     ) -> None:
+        """`stop`: set, it ends a direct C-GET at its next PDU (Interrupted). `staging_root`: where the
+        C-MOVE destination stages stray instances (default: the system's temporary folder).
+        `deadline_base_s` + `deadline_per_instance_s` × the instances expected: how long one study's
+        retrieval may take in all, however slowly the PACS sends (None: no deadline)."""
         if retrieve not in ("get", "move"):
             raise ValueError(f'retrieve must be "get" or "move", not {retrieve!r}')
         self.dimse_receiver = dimse.receiver_choice(dimse_receiver)
@@ -413,6 +469,9 @@ class DimseStudySource:
         self.move_allowed_hosts = frozenset(move_allowed_hosts) if move_allowed_hosts else None
         self.tls = tls  # DICOM TLS for every association with this PACS, and for our C-MOVE SCP
         self._tls_client: Any = None
+        self.stop = stop
+        self.staging_root = staging_root
+        self.deadline_base_s, self.deadline_per_instance_s = deadline_base_s, deadline_per_instance_s
         self.name = name
         self.host, self.port = host, port
         self.called_ae, self.calling_ae = called_ae, calling_ae
@@ -463,6 +522,8 @@ class DimseStudySource:
             "timeout_s": self.timeout_s,
             "dimse_receiver": self.dimse_receiver,
             "tls": self.tls,
+            "deadline_base_s": self.deadline_base_s,
+            "deadline_per_instance_s": self.deadline_per_instance_s,
         }
 
     def _ae(self) -> AE:
@@ -579,20 +640,22 @@ class DimseStudySource:
                 identifiers = [self._identifier(study_instance_uid, chunk) for chunk in _chunks(sops, self.parallel)]
         if self.retrieve == "move":
             self._sink.register(study_instance_uid, dest)
+        deadline_s = self.deadline_s(expected)
         try:
             if len(identifiers) == 1:
                 if self.retrieve == "move":
-                    self._c_move(identifiers[0], dest)
+                    self._c_move(identifiers[0], dest, deadline_s)
                 else:
-                    self._c_get(identifiers[0], dest=dest)
+                    self._c_get(identifiers[0], dest=dest, deadline_s=deadline_s)
             elif self.retrieve == "move":  # the PACS sends to our storage SCP: requests can go from threads
                 with ThreadPoolExecutor(max_workers=len(identifiers), thread_name_prefix="c-move") as threads:
-                    for future in [threads.submit(self._c_move, ident, dest) for ident in identifiers]:
+                    for future in [threads.submit(self._c_move, ident, dest, deadline_s) for ident in identifiers]:
                         future.result()
             else:  # C-GET receives in the requesting process: worker processes, so Python is not the bottleneck
                 pool = self._process_pool()
                 config = self._worker_config()
-                for future in [pool.submit(_c_get_in_worker, config, ident, str(dest)) for ident in identifiers]:
+                jobs = [pool.submit(_c_get_in_worker, config, ident, str(dest), deadline_s) for ident in identifiers]
+                for future in jobs:
                     future.result()
         finally:
             if self.retrieve == "move":
@@ -633,7 +696,13 @@ class DimseStudySource:
             return  # the instance count check decides whether the study is complete
         raise _status_error(operation, final, self.called_ae, self.calling_ae)
 
-    def _c_get(self, identifier: Dataset, *, dest: Path) -> None:
+    def deadline_s(self, expected: int | None) -> float | None:
+        """How long the retrieval of a study of `expected` instances may take in all."""
+        if self.deadline_base_s is None:
+            return None
+        return self.deadline_base_s + self.deadline_per_instance_s * (expected or 0)
+
+    def _c_get(self, identifier: Dataset, *, dest: Path, deadline_s: float | None = None) -> None:
         if self.dimse_receiver == "direct":
             final = dimse.c_get(
                 host=self.host,
@@ -647,6 +716,8 @@ class DimseStudySource:
                 transfer_syntaxes=TRANSFER_SYNTAXES,
                 timeout_s=self.timeout_s,
                 tls=self._client_tls(),
+                stop=self.stop,
+                deadline_s=deadline_s,
             )
             self._check_final("C-GET", final)
             return
@@ -658,12 +729,19 @@ class DimseStudySource:
             roles.append(build_role(sop_class, scp_role=True))
         handlers = [(evt.EVT_C_STORE, partial(_store_into, dest))]
         final = None
-        with self._connect(ae, ext_neg=roles, evt_handlers=handlers) as assoc:
+        with (
+            self._connect(ae, ext_neg=roles, evt_handlers=handlers) as assoc,
+            _abort_after(assoc, deadline_s) as passed,
+        ):
             for status, _ in assoc.send_c_get(identifier, sc.StudyRootQueryRetrieveInformationModelGet):
+                if passed.is_set():
+                    break
                 if "Status" not in status:
                     raise _status_error("C-GET", status, self.called_ae, self.calling_ae)
                 if int(status.Status) not in (0xFF00, 0xFF01):
                     final = status
+        if passed.is_set():
+            raise TransientError(f"C-GET from PACS {self.called_ae} did not finish within {deadline_s:.0f} s")
         self._check_final("C-GET", final)
 
     def _ensure_move_server(self) -> None:
@@ -674,7 +752,9 @@ class DimseStudySource:
             scp_tls = server_context(self.tls) if self.tls is not None else None
             if self.dimse_receiver == "direct":
                 self._sink.ae_title = self.calling_ae
-                self._sink.staging = Path(tempfile.mkdtemp(prefix="nightread-move-"))
+                if self.staging_root is not None:
+                    self.staging_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._sink.staging = Path(tempfile.mkdtemp(prefix="nightread-move-", dir=self.staging_root))
                 self._move_server = dimse.StreamingStorageServer(
                     ae_title=self.calling_ae,
                     host=host,
@@ -709,21 +789,25 @@ class DimseStudySource:
         self._ensure_move_server()
         return int(self._move_server.server_address[1])
 
-    def _c_move(self, identifier: Dataset, dest: Path) -> None:
+    def _c_move(self, identifier: Dataset, dest: Path, deadline_s: float | None = None) -> None:
         self._ensure_move_server()
         ae = self._ae()
         ae.add_requested_context(sc.StudyRootQueryRetrieveInformationModelMove)
         final = None
         message_id = self._sink.expect(dest, str(identifier.get("StudyInstanceUID", "") or ""))
         try:
-            with self._connect(ae) as assoc:
+            with self._connect(ae) as assoc, _abort_after(assoc, deadline_s) as passed:
                 for status, _ in assoc.send_c_move(
                     identifier, self.calling_ae, sc.StudyRootQueryRetrieveInformationModelMove, msg_id=message_id
                 ):
+                    if passed.is_set():
+                        break
                     if "Status" not in status:
                         raise _status_error("C-MOVE", status, self.called_ae, self.calling_ae)
                     if int(status.Status) not in (0xFF00, 0xFF01):
                         final = status
         finally:
             self._sink.forget(message_id)
+        if passed.is_set():
+            raise TransientError(f"C-MOVE from PACS {self.called_ae} did not finish within {deadline_s:.0f} s")
         self._check_final("C-MOVE", final)

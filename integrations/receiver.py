@@ -107,11 +107,11 @@ class StoreReceiver:
 
     def start(self) -> None:
         quiet_pynetdicom()
-        self.inbox.mkdir(parents=True, exist_ok=True)
+        self.inbox.mkdir(parents=True, exist_ok=True, mode=0o700)
         ssl_context = server_context(self.tls) if self.tls is not None else None
         if self.dimse_receiver == "direct":
             staging = self.inbox / ".incoming"  # on the inbox's file system: filing is a rename
-            staging.mkdir(exist_ok=True)
+            staging.mkdir(exist_ok=True, mode=0o700)
             for leftover in staging.glob("*.part"):  # from a receiver that was killed mid-instance
                 leftover.unlink(missing_ok=True)
             self._server = StreamingStorageServer(

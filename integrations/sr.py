@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -163,6 +164,12 @@ def _question(a: SrAnswer) -> ContainerContentItem:
     return box
 
 
+def quiet_highdicom() -> None:
+    """highdicom logs the SOP Instance UID of each evidence dataset at INFO ("copy Patient-related
+    attributes from dataset ..."): never log UIDs, keep its warnings."""
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+
 def build_sr(
     *,
     evidence: Sequence[Dataset],
@@ -171,6 +178,7 @@ def build_sr(
 ) -> BuiltSr:
     """One SR for a study. `evidence`: the source images' headers (patient and study modules; no
     pixels needed), one per referenced SOP instance. Raises PermanentError for an empty report."""
+    quiet_highdicom()
     if not images:
         raise PermanentError("no annotated images to report")
     if not evidence:

@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -39,15 +40,26 @@ class LocalObjectStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def _folders(self, folder: Path) -> None:
+        """The key's folders under the root, each 0700 (mkdir -p would give the ones above the last the
+        default mode); objects are rendered images and reports of patients."""
+        if folder.is_dir():
+            return
+        current = self.root
+        for part in folder.relative_to(self.root).parts:
+            current = current / part
+            with suppress(FileExistsError):
+                current.mkdir(mode=0o700)
+
     def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        self._folders(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # mode 0600
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)

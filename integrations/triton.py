@@ -161,11 +161,17 @@ class TritonAnnotator:
         max_in_flight: int = 16,
         retries: int = 3,
         backoff_s: float = 0.5,
+        outage_s: float = 90.0,
+        max_backoff_s: float = 10.0,
     ) -> None:
+        """A transient failure is retried `retries` times with doubling waits from `backoff_s`, and for
+        as long as `outage_s` from the first failure (a Triton restart, a GPU node replaced), the waits
+        capped at `max_backoff_s`."""
         if protocol not in ("grpc", "http"):
             raise ConfigurationError(f'Triton protocol must be "grpc" or "http", not {protocol!r}')
         self.url, self.protocol, self.model, self.version = url, protocol, model, version
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.outage_s, self.max_backoff_s = outage_s, max_backoff_s
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="triton")
         self._local = threading.local()
         self._info: ModelInfo | None = None
@@ -241,7 +247,9 @@ class TritonAnnotator:
         task.set_data_from_numpy(np.array([[encode_task(request, info_only=info_only)]], dtype=object))
         outputs = [tc.InferRequestedOutput(RESULT.name)]
         delay = self.backoff_s
-        for attempt in range(self.retries + 1):
+        first_failure: float | None = None
+        attempt = 0
+        while True:
             try:
                 kwargs: dict[str, Any] = {"model_version": self.version, "outputs": outputs}
                 if self.protocol == "grpc":
@@ -251,13 +259,17 @@ class TritonAnnotator:
             except Exception as exc:
                 if not _is_transient(exc):
                     raise PermanentError(f"Triton refused the request: {exc}") from exc
-                if attempt == self.retries:
-                    raise TransientError(f"Triton at {self.url} failed after {attempt + 1} tries: {exc}") from exc
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                attempt += 1
+                if attempt > self.retries and now - first_failure + delay > self.outage_s:
+                    raise TransientError(
+                        f"Triton at {self.url} failed for {now - first_failure:.0f} s ({attempt} tries): {exc}"
+                    ) from exc
                 log.warning("Triton request failed (%s); retrying in %.1f s", exc, delay)
                 self._local.client = None  # reconnect
                 time.sleep(delay)  # backoff between retries of a failed call
-                delay *= 2
-        raise AssertionError("unreachable")
+                delay = min(delay * 2, self.max_backoff_s)
 
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[AnnotationResult]:
         futures = [self._pool.submit(self._infer, r) for r in requests]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from integrations.errors import ConfigurationError, TransientError
+from integrations.processes import stop_with_parent
 
 
 def pytriton_dir() -> Path:
@@ -122,7 +123,11 @@ class TritonServer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=server_environment(self.env)
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=server_environment(self.env),
+                preexec_fn=stop_with_parent,
             )
         self.wait_ready(timeout_s)
 

@@ -29,8 +29,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from io import BytesIO
@@ -54,7 +54,7 @@ from pynetdicom.presentation import PresentationContext
 
 from integrations.dimse import framing as f
 from integrations.dimse.tls import wrap_client
-from integrations.errors import PeerRefused, ProtocolError, TransientError
+from integrations.errors import Interrupted, PeerRefused, ProtocolError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -409,6 +409,8 @@ def c_get(
     transfer_syntaxes: Sequence[str],
     timeout_s: float,
     tls: ssl.SSLContext | None = None,
+    stop: threading.Event | None = None,
+    deadline_s: float | None = None,
 ) -> Dataset | None:
     """Send one C-GET and file every instance it brings into `dest` as `file_name(sop_instance_uid)`;
     an instance of another study than the identifier's (when it names one) is refused.
@@ -417,7 +419,9 @@ def c_get(
     the PACS released without one. Raises TransientError (no connection, busy, timeout, lost
     connection), PeerRefused (association rejected, aborted before anything was sent, a TLS
     certificate not trusted) or ProtocolError (the PACS broke the protocol; the association is
-    aborted). With `tls`, the connection is DICOM TLS.
+    aborted). With `tls`, the connection is DICOM TLS. With `stop`, a stop that is set ends the C-GET
+    at its next PDU (Interrupted, the association aborted); with `deadline_s`, the whole C-GET must end
+    within that many seconds however slowly the PACS sends (TransientError when it does not).
     """
     where = f"{host}:{port}"
     try:
@@ -461,8 +465,18 @@ def c_get(
             place=lambda request: Placement(dest / file_name(request.sop_instance or "unknown"), study=study),
             operation="C-GET",
             our_ae=calling_ae,
+            stop=stop,
         )
-        final = receiver.run()
+        with _deadline(sock, deadline_s) as passed:
+            try:
+                final = receiver.run()
+            except TransientError as exc:
+                if passed.is_set():
+                    raise TransientError(
+                        f"C-GET from PACS {called_ae} at {where} did not finish within {deadline_s:.0f} s "
+                        f"({receiver.received} instances received)"
+                    ) from exc
+                raise
         if not receiver.released:
             assoc.release()
         ok = True
@@ -476,6 +490,29 @@ def c_get(
         if not ok:
             assoc.abort()
         assoc.close()
+
+
+@contextmanager
+def _deadline(sock: socket.socket, seconds: float | None) -> Iterator[threading.Event]:
+    """Within the block, the socket is shut down once `seconds` have passed (the event says so): a
+    deadline for a whole exchange that a peer dripping bytes cannot stretch, at no cost per read."""
+    passed = threading.Event()
+    if seconds is None:
+        yield passed
+        return
+
+    def expire() -> None:
+        passed.set()
+        with suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield passed
+    finally:
+        timer.cancel()
 
 
 class _Receiver:
@@ -495,9 +532,11 @@ class _Receiver:
         our_ae: str = "",
         peer_ae: str = "",
         on_stored: Callable[[Path, StoreRequest], int] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.assoc = assoc
         self.place = place
+        self.stop = stop
         self.operation = operation
         self.our_ae, self.peer_ae = our_ae, peer_ae
         self.on_stored = on_stored
@@ -511,6 +550,8 @@ class _Receiver:
         assoc = self.assoc
         command = bytearray()
         while self.final is None or self.final_has_dataset:
+            if self.stop is not None and self.stop.is_set():
+                raise Interrupted(f"{self.operation} stopped after {self.received} instances: nightread is stopping")
             pdu_type, body = assoc.read_pdu()
             if pdu_type != f.P_DATA:
                 if pdu_type == f.RELEASE_RQ:  # the peer ends the association: answer, and stop

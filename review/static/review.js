@@ -39,3 +39,16 @@ document.addEventListener("htmx:afterSwap", () => {
   if (current) current.scrollIntoView({ block: "center" });
   window.scrollTo({ top: 0 });
 });
+// P(yes) bars: their width comes from data-width (no inline styles: the Content-Security-Policy forbids them)
+function drawBars() {
+  document.querySelectorAll(".bar span[data-width]").forEach((bar) => {
+    bar.style.width = `${bar.dataset.width}%`;
+  });
+}
+drawBars();
+document.addEventListener("htmx:afterSwap", drawBars);
+// /docs (when enabled): Swagger UI from the local swagger-ui-dist files, started here, not inline
+const swagger = document.getElementById("swagger-ui");
+if (swagger && window.SwaggerUIBundle) {
+  window.SwaggerUIBundle({ url: swagger.dataset.openapiUrl, dom_id: "#swagger-ui" });
+}

@@ -97,14 +97,33 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture
-def page(browser, review_server):  # type: ignore[no-untyped-def]
-    context = browser.new_context(base_url=review_server.url, viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(15_000)
+def new_page(browser, review_server):  # type: ignore[no-untyped-def]
+    """Pages in fresh browser contexts (each its own cookies) on the test's server; `page.csp_errors`
+    collects the console's Content-Security-Policy violations."""
+    contexts = []
+
+    def make():  # type: ignore[no-untyped-def]
+        context = browser.new_context(base_url=review_server.url, viewport={"width": 1280, "height": 900})
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        page.csp_errors = []
+        page.on(
+            "console",
+            lambda m: page.csp_errors.append(m.text) if "Content Security Policy" in m.text else None,
+        )
+        return page
+
     try:
-        yield page
+        yield make
     finally:
-        context.close()
+        for context in contexts:
+            context.close()
+
+
+@pytest.fixture
+def page(new_page):  # type: ignore[no-untyped-def]
+    return new_page()
 
 
 def screenshot(page, name: str) -> Path:  # type: ignore[no-untyped-def]

@@ -30,3 +30,14 @@ def test_dicomweb_credentials_reach_the_source_and_never_the_database(make_setti
     assert "tok-123-secret" not in stored
     assert "pw-456-secret" not in stored
     assert "qa" in stored, "the rest of the source's settings is kept"
+
+
+def test_credentials_in_a_dicomweb_url_are_refused_with_where_they_go() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from flows.settings import PacsSettings
+
+    with pytest.raises(ValidationError, match="not in the url") as info:
+        PacsSettings(name="w", kind="dicomweb", url="https://qa:hunter2@pacs.example/dicom-web")
+    assert "hunter2" not in str(info.value)

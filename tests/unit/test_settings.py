@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -53,6 +55,40 @@ def test_masked_hides_secrets_and_passwords(tmp_path):
 def test_mask_url_leaves_urls_without_password():
     assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
     assert mask_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_mask_url_hides_every_form_of_password():
+    assert mask_url("postgresql://u:pa/ss@h:5432/db?sslmode=require") == "postgresql://u:***@h:5432/db?sslmode=require"
+    assert mask_url("postgresql://u:p@ss@h/db") == "postgresql://u:***@h/db"  # an unencoded @ in the password
+    assert mask_url("postgresql://u@h/db?sslmode=x&password=hunter2") == "postgresql://u@h/db?sslmode=x&password=***"
+    assert mask_url("postgresql://:hunter2@h/db") == "postgresql://:***@h/db"
+
+
+def test_database_url_is_secret_everywhere_but_the_engine(monkeypatch, tmp_path):
+    """Settings are Prefect flow-run parameters: Prefect stores them as FastAPI's jsonable_encoder
+    makes them, and they are printed in reprs, logs and errors."""
+    from fastapi.encoders import jsonable_encoder
+
+    url = "postgresql+psycopg://reader:hunter2@db.example/nightread"
+    monkeypatch.setenv("NIGHTREAD_DATABASE__URL", url)
+    s = NightreadSettings(data_dir=tmp_path)
+    assert s.database_url == url
+    for shown in (repr(s), str(s), s.model_dump_json(), json.dumps(jsonable_encoder(s)), str(s.masked())):
+        assert "hunter2" not in shown
+    assert s.masked()["database"]["url"] == "postgresql+psycopg://reader:***@db.example/nightread"
+
+
+def test_validation_errors_do_not_echo_the_settings(monkeypatch):
+    monkeypatch.setenv("NIGHTREAD_DATABASE__URL", "postgresql+psycopg://u:hunter2@h/db")
+    monkeypatch.setenv("NIGHTREAD_STORAGE__SECRET_KEY", "s3cr3t")
+    for bad in (
+        {"sources": [{"name": "a"}, {"name": "a"}]},
+        {"pacs": {"name": "a", "kind": "dicomweb", "token": "hunter2"}},  # short: its repr would not be cut
+    ):
+        with pytest.raises(ValidationError) as info:
+            NightreadSettings(**bad)  # type: ignore[arg-type]
+        assert "hunter2" not in str(info.value)
+        assert "s3cr3t" not in str(info.value)
 
 
 def test_ct_windows_setting(monkeypatch):

@@ -14,7 +14,7 @@ from sqlmodel import Session, select
 
 from db import reviews
 from db.migrate import upgrade
-from db.models import ModelVersion, ValidationRun
+from db.models import AuditAction, AuditEvent, ModelVersion, ValidationRun
 from db.session import make_engine, session_scope
 from flows.annotate import check_promoted
 from flows.runtime import Runtime
@@ -154,7 +154,10 @@ def test_promotion_gate(prefect_harness, make_settings, labeled):
     with pytest.raises(PermissionError, match=r"16 examples < 100.*closed_accuracy"):
         promote(engine, model_version_id=mv.id, minimums=strict)
     lenient = ValidationSettings(min_examples=1, min_closed_accuracy=0.0, min_auroc=0.0, max_ece=1.0)
-    assert promote(engine, model_version_id=mv.id, minimums=lenient).promoted_at is not None
+    assert promote(engine, model_version_id=mv.id, minimums=lenient, actor="cli:qa").promoted_at is not None
+    with Session(engine) as session:  # the promotion is in the audit log; the refusals changed nothing
+        events = session.exec(select(AuditEvent).where(AuditEvent.action == AuditAction.MODEL_PROMOTED)).all()
+        assert [(e.actor, e.subject) for e in events] == [("cli:qa", f"model_version:{mv.id}")]
     with Runtime.build(settings) as rt:
         assert check_promoted(rt) == mv.id
     engine.dispose()

@@ -1,0 +1,71 @@
+"""A study archived late with a date before the discovery cursor (an outside study, a modality's
+backlog, a corrected date) is found by the next night: discovery re-queries `requery_days` before its
+cursor and registers idempotently. Against a real Orthanc; with `requery_days=0` it would be missed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from sqlmodel import select
+
+from db.migrate import upgrade
+from db.models import PacsSource, Study
+from db.session import session_scope
+from flows.nightly import discover_studies
+from flows.runtime import Runtime
+from integrations.sample_pacs import generate_studies
+from tests.conftest import require_or_skip
+from tests.services import DICOMWEB_PLUGIN, ORTHANC, Orthanc
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+TODAY = dt.date.today()
+
+
+@pytest.fixture
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
+        require_or_skip("Orthanc with the DICOMweb plugin (apt-get install orthanc orthanc-dicomweb)")
+    folder = tmp_path_factory.mktemp("orthanc-late")
+    server = Orthanc.on_free_ports(folder)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("requery_days", "found_late"), [(7, True), (0, False)])
+def test_a_late_arrival_with_an_earlier_date_is_found_next_night(
+    orthanc, make_settings, requery_days, found_late
+) -> None:
+    studies = generate_studies(seed=31, today=TODAY, xr_size=64, ct_size=32, ct_slices=4)
+    by_date = sorted(studies, key=lambda s: (s.header.StudyDate, s.header.StudyTime))
+    late, newest = by_date[0], by_date[-1]
+    assert late.header.StudyDate < newest.header.StudyDate
+    orthanc.upload_datasets(ds for s in studies if s is not late for ds in s.instances)
+    settings = make_settings(
+        sources=[
+            {"name": "orthanc", "kind": "dimse", "host": "127.0.0.1", "port": orthanc.dicom_port,
+             "called_ae": orthanc.aet, "calling_ae": orthanc.nightread_ae, "requery_days": requery_days,
+             "lookback_days": 9}
+        ]
+    )  # fmt: skip
+    upgrade(settings.database_url)
+    with Runtime.build(settings) as rt:
+        (source_id,) = rt.register_sources()
+        first = discover_studies.fn(rt, source_id)
+        assert first["new"] == len(studies) - 1
+        with session_scope(rt.engine) as session:
+            source = session.get(PacsSource, source_id)
+            assert source is not None
+            assert source.cursor_date == newest.header.StudyDate, "the cursor is past the late study's date"
+        orthanc.upload_datasets(late.instances)  # archived after the first night, dated before the cursor
+        second = discover_studies.fn(rt, source_id)
+        with session_scope(rt.engine) as session:
+            registered = set(session.exec(select(Study.study_instance_uid)).all())
+    assert (late.study_instance_uid in registered) is found_late
+    assert second["new"] == (1 if found_late else 0), "the studies seen before are not registered twice"
