@@ -12,19 +12,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import multiprocessing as mp
-import os
 import secrets
 import shutil
-import socket
 import tempfile
 import threading
-import types
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from functools import partial
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +42,11 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, _config, build_role, evt
+from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom import sop_class as sc
 
 from integrations import dimse
-from integrations.dimse import framing
+from integrations.dimse import abort_after, encoded_instance, framing, nightread_ae, quiet_pynetdicom, tune_association
 from integrations.dimse.tls import TlsConfig, client_context, server_context
 from integrations.errors import PeerRefused, ResultsCapped, RetrievalIncomplete, TransientError
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
@@ -147,97 +143,6 @@ RETRIEVE_STORAGE_CLASSES: list[UID] = [
 STORAGE_SCP_CLASSES: list[UID] = [UID(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
 
 
-def quiet_pynetdicom() -> None:
-    """Never log query identifiers (they hold patient names and IDs); keep pynetdicom's chatter down;
-    and close pynetdicom's reactor race (below) before any association runs."""
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    _close_reactor_race()
-
-
-def _close_reactor_race() -> None:
-    """pynetdicom 3.0.4: a `send_*()` call pauses the association's reactor by clearing its checkpoint
-    and waiting for `_is_paused`, but the reactor sets `_is_paused = True` just before its wait() returns,
-    so the sender can see a stale True and send while the reactor is on its way to `get_msg(block=False)`.
-    A peer that answers within microseconds (nightread's own storage SCP, answering as soon as the last
-    fragment is in) then has its response taken by the reactor as an unexpected request ("Received
-    unexpected C-STORE service message"), and the sender waits out its DIMSE timeout (pynetdicom issues
-    435, 875). Here the reactor takes nothing while a sender has the checkpoint cleared: its get_msg is
-    the only non-blocking one, the senders' block."""
-    from pynetdicom.dimse import DIMSEServiceProvider
-
-    if getattr(DIMSEServiceProvider.get_msg, "_nightread", False):
-        return
-    original = DIMSEServiceProvider.get_msg
-
-    def get_msg(self: Any, block: bool = False) -> Any:
-        if not block and not self.assoc._reactor_checkpoint.is_set():
-            return None, None  # a send_*() is waiting for this message: leave it on the queue
-        return original(self, block)
-
-    get_msg._nightread = True  # type: ignore[attr-defined]
-    DIMSEServiceProvider.get_msg = get_msg  # type: ignore[method-assign]
-
-
-def tune_association(assoc: Any) -> None:
-    """Switch Nagle's algorithm off on an association's socket (pynetdicom leaves it on), so small
-    C-STORE responses and C-FIND requests are never held back waiting for the peer's ACK; DCMTK needs
-    TCP_NODELAY=1 for the same reason. On loopback here it made no measurable difference."""
-    transport = getattr(getattr(assoc, "dul", None), "socket", None)
-    sock = getattr(transport, "socket", None)
-    if sock is not None:
-        with suppress(OSError):  # not a TCP socket (or already closed): nothing to tune
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if transport is not None and os.environ.get("NIGHTREAD_PDU_RECV", "whole") == "whole":
-        transport.recv = types.MethodType(_recv_whole, transport)
-
-
-def _recv_whole(transport: Any, nr_bytes: int) -> bytearray:
-    """pynetdicom's AssociationSocket.recv, reading into one preallocated buffer with as few recv calls as
-    the kernel allows (pynetdicom reads 4 KB at a time: four calls and copies per 16 KB PDU). Same
-    contract: blocks until `nr_bytes` are read, returns what it has when the peer closes."""
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    got = 0
-    while got < nr_bytes:
-        n = transport.socket.recv_into(view[got:], nr_bytes - got)
-        if not n:
-            return buf[:got]
-        got += n
-    return buf
-
-
-def nightread_ae(ae_title: str) -> AE:
-    """A pynetdicom AE that announces nightread's Implementation Class UID and version name."""
-    ae = AE(ae_title=ae_title)
-    ae.implementation_class_uid = dimse.IMPLEMENTATION_CLASS_UID
-    ae.implementation_version_name = dimse.IMPLEMENTATION_VERSION_NAME
-    return ae
-
-
-@contextmanager
-def _abort_after(assoc: Any, seconds: float | None) -> Iterator[threading.Event]:
-    """Within the block, a pynetdicom association is aborted once `seconds` have passed (the event
-    says so): a deadline for a whole C-GET or C-MOVE, however slowly the PACS answers."""
-    passed = threading.Event()
-    if seconds is None:
-        yield passed
-        return
-
-    def expire() -> None:
-        passed.set()
-        assoc.abort()
-
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield passed
-    finally:
-        timer.cancel()
-
-
 @contextmanager
 def association(ae: AE, *, host: str, port: int, called_ae: str, **kwargs: Any) -> Iterator[Any]:
     """An established association, released (or aborted on error) when the block ends."""
@@ -287,20 +192,6 @@ def _status_error(operation: str, status: Dataset, called_ae: str, calling_ae: s
 def _file_name(sop_uid: str) -> str:
     """A received instance's file name: no UIDs in it."""
     return f"{uid_hash(sop_uid)}.dcm"
-
-
-def encoded_instance(event: Any) -> bytes | None:
-    """A C-STORE's instance as pynetdicom received it, as a DICOM file with nightread's File Meta
-    Information (the bytes the streaming receiver writes), or None when its data set is cut short."""
-    data: bytes = event.request.DataSet.getvalue()
-    syntax = str(event.context.transfer_syntax)
-    try:
-        framing.check_dataset(BytesIO(data), start=0, end=len(data), transfer_syntax=syntax)
-    except framing.IncompleteDataset as exc:
-        log.warning("refused an incomplete instance: %s", exc)
-        return None
-    sop_class = str(event.request.AffectedSOPClassUID)
-    return framing.file_header(sop_class, str(event.request.AffectedSOPInstanceUID), syntax) + data
 
 
 def _write_instance(event: Any, folder: Path, sop_uid: str) -> int:
@@ -731,7 +622,7 @@ class DimseStudySource:
         final = None
         with (
             self._connect(ae, ext_neg=roles, evt_handlers=handlers) as assoc,
-            _abort_after(assoc, deadline_s) as passed,
+            abort_after(assoc, deadline_s) as passed,
         ):
             for status, _ in assoc.send_c_get(identifier, sc.StudyRootQueryRetrieveInformationModelGet):
                 if passed.is_set():
@@ -748,39 +639,25 @@ class DimseStudySource:
         with self._server_lock:
             if self._move_server is not None:
                 return
-            host = self.move_bind_host
             scp_tls = server_context(self.tls) if self.tls is not None else None
             if self.dimse_receiver == "direct":
                 self._sink.ae_title = self.calling_ae
                 if self.staging_root is not None:
                     self.staging_root.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self._sink.staging = Path(tempfile.mkdtemp(prefix="nightread-move-", dir=self.staging_root))
-                self._move_server = dimse.StreamingStorageServer(
-                    ae_title=self.calling_ae,
-                    host=host,
-                    port=self._move_port,
-                    place=self._sink.place,
-                    on_stored=self._sink.file,
-                    storage_classes=STORAGE_SCP_CLASSES,
-                    transfer_syntaxes=TRANSFER_SYNTAXES,
-                    timeout_s=self.timeout_s,
-                    policy=dimse.EdgePolicy(allowed_aes=self.move_allowed_aes, allowed_hosts=self.move_allowed_hosts),
-                    ssl_context=scp_tls,
-                ).start()
-                return
-            ae = self._ae()
-            ae.require_calling_aet = sorted(self.move_allowed_aes)
-            ae.require_called_aet = True
-            for sop_class in STORAGE_SCP_CLASSES:
-                ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
-            self._move_server = ae.start_server(
-                (host, self._move_port),
-                block=False,
+            self._move_server = dimse.storage_scp(
+                self.dimse_receiver,
+                ae_title=self.calling_ae,
+                host=self.move_bind_host,
+                port=self._move_port,
+                storage_classes=STORAGE_SCP_CLASSES,
+                transfer_syntaxes=TRANSFER_SYNTAXES,
+                timeout_s=self.timeout_s,
+                policy=dimse.EdgePolicy(allowed_aes=self.move_allowed_aes, allowed_hosts=self.move_allowed_hosts),
                 ssl_context=scp_tls,
-                evt_handlers=[
-                    (evt.EVT_C_STORE, self._sink.handle),
-                    (evt.EVT_CONN_OPEN, lambda event: tune_association(event.assoc)),
-                ],
+                place=self._sink.place,
+                on_stored=self._sink.file,
+                on_store=self._sink.handle,
             )
 
     @property
@@ -796,7 +673,7 @@ class DimseStudySource:
         final = None
         message_id = self._sink.expect(dest, str(identifier.get("StudyInstanceUID", "") or ""))
         try:
-            with self._connect(ae) as assoc, _abort_after(assoc, deadline_s) as passed:
+            with self._connect(ae) as assoc, abort_after(assoc, deadline_s) as passed:
                 for status, _ in assoc.send_c_move(
                     identifier, self.calling_ae, sc.StudyRootQueryRetrieveInformationModelMove, msg_id=message_id
                 ):

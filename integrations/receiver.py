@@ -21,13 +21,19 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import evt
-from pynetdicom import sop_class as sc
 
-from integrations.dimse import EdgePolicy, Placement, StoreRequest, StreamingStorageServer, receiver_choice
+from integrations.dimse import (
+    EdgePolicy,
+    Placement,
+    StoreRequest,
+    encoded_instance,
+    quiet_pynetdicom,
+    receiver_choice,
+    storage_scp,
+)
 from integrations.dimse.tls import TlsConfig, server_context
 from integrations.errors import ConfigurationError, RetrievalIncomplete
-from integrations.pacs import STORAGE_SCP_CLASSES, TRANSFER_SYNTAXES, encoded_instance, nightread_ae, quiet_pynetdicom
+from integrations.pacs import STORAGE_SCP_CLASSES, TRANSFER_SYNTAXES
 from integrations.ports import RetrievedStudy, SeriesRef, StudyRef
 from integrations.query import uid_hash
 
@@ -109,38 +115,24 @@ class StoreReceiver:
         quiet_pynetdicom()
         self.inbox.mkdir(parents=True, exist_ok=True, mode=0o700)
         ssl_context = server_context(self.tls) if self.tls is not None else None
+        staging = self.inbox / ".incoming"  # on the inbox's file system: filing is a rename
         if self.dimse_receiver == "direct":
-            staging = self.inbox / ".incoming"  # on the inbox's file system: filing is a rename
             staging.mkdir(exist_ok=True, mode=0o700)
             for leftover in staging.glob("*.part"):  # from a receiver that was killed mid-instance
                 leftover.unlink(missing_ok=True)
-            self._server = StreamingStorageServer(
-                ae_title=self.ae_title,
-                host=self.host,
-                port=self._requested_port,
-                place=lambda _request: Placement(staging / f"{uuid.uuid4().hex}.dcm", check=True),
-                on_stored=self._on_stored,
-                storage_classes=STORAGE_SCP_CLASSES,
-                transfer_syntaxes=TRANSFER_SYNTAXES,
-                timeout_s=self.timeout_s,
-                policy=self.policy,  # anyone else is rejected at association time
-                ssl_context=ssl_context,
-            ).start()
-            log.info("C-STORE receiver %s on %s:%d accepts %s", self.ae_title, self.host, self.port, self.allowed)
-            return
-        ae = nightread_ae(self.ae_title)
-        ae.maximum_pdu_size = 0
-        ae.require_calling_aet = self.allowed  # anyone else is rejected at association time
-        ae.require_called_aet = True
-        ae.maximum_associations = self.policy.max_associations
-        ae.add_supported_context(sc.Verification)
-        for sop_class in STORAGE_SCP_CLASSES:
-            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
-        self._server = ae.start_server(
-            (self.host, self._requested_port),
-            block=False,
+        self._server = storage_scp(
+            self.dimse_receiver,
+            ae_title=self.ae_title,
+            host=self.host,
+            port=self._requested_port,
+            storage_classes=STORAGE_SCP_CLASSES,
+            transfer_syntaxes=TRANSFER_SYNTAXES,
+            timeout_s=self.timeout_s,
+            policy=self.policy,  # anyone else is rejected at association time
             ssl_context=ssl_context,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            place=lambda _request: Placement(staging / f"{uuid.uuid4().hex}.dcm", check=True),
+            on_stored=self._on_stored,
+            on_store=self._on_store,
         )
         log.info("C-STORE receiver %s on %s:%d accepts %s", self.ae_title, self.host, self.port, self.allowed)
 

@@ -49,8 +49,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from integrations.dimse import quiet_pynetdicom
 from integrations.imaging import values_of
-from integrations.pacs import quiet_pynetdicom
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MultiFrameGrayscaleByteSecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE
 
-from integrations.pacs import quiet_pynetdicom
+from integrations.dimse import quiet_pynetdicom
 
 
 def _peak_rss_mb(pid: int) -> float:

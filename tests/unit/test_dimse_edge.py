@@ -26,9 +26,9 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotific
 from pynetdicom.presentation import PresentationContext
 
 from integrations import dimse
-from integrations.dimse import framing
+from integrations.dimse import framing, quiet_pynetdicom
 from integrations.errors import PeerRefused, TransientError
-from integrations.pacs import RETRIEVE_STORAGE_CLASSES, TRANSFER_SYNTAXES, DimseStudySource, quiet_pynetdicom
+from integrations.pacs import RETRIEVE_STORAGE_CLASSES, TRANSFER_SYNTAXES, DimseStudySource
 from integrations.query import uid_hash
 from integrations.sample_pacs import SamplePacs
 

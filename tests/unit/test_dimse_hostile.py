@@ -30,9 +30,9 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
 from integrations import dimse
-from integrations.dimse import framing
+from integrations.dimse import framing, quiet_pynetdicom
 from integrations.errors import ProtocolError
-from integrations.pacs import STORAGE_SCP_CLASSES, TRANSFER_SYNTAXES, DimseStudySource, quiet_pynetdicom
+from integrations.pacs import STORAGE_SCP_CLASSES, TRANSFER_SYNTAXES, DimseStudySource
 from integrations.query import uid_hash
 
 CT_FILE = get_testdata_file("CT_small.dcm")

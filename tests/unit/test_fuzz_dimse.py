@@ -26,8 +26,8 @@ from pynetdicom import sop_class as sc
 from pynetdicom.tests import encoded_pdu_items as vectors
 
 from integrations import dimse
-from integrations.dimse import framing
-from integrations.pacs import STORAGE_SCP_CLASSES, TRANSFER_SYNTAXES, quiet_pynetdicom
+from integrations.dimse import framing, quiet_pynetdicom
+from integrations.pacs import STORAGE_SCP_CLASSES, TRANSFER_SYNTAXES
 from integrations.query import uid_hash
 from tests.unit.test_dimse_hostile import _dataset_bytes, associate_rq, store_command
 
