@@ -32,6 +32,7 @@ from flows.discovery import find_day
 from flows.nightly import register_refs
 from flows.runtime import Runtime
 from flows.settings import NightreadSettings, parse_window
+from flows.throttle import apply_limits
 from integrations.errors import ConfigurationError
 
 
@@ -111,7 +112,8 @@ def backfill(
     counts: Counter[str] = Counter()
     limiter = RateLimit(settings.backfill.studies_per_hour)
     with Runtime.build(settings) as rt:
-        ids = rt.register_sources()
+        ids = rt.register_sources(throttle=True)
+        apply_limits([rt.source_settings(i) for i in ids])
         by_name = {rt.source_settings(i).name: i for i in ids}
         if source is None:
             if not by_name:

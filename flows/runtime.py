@@ -21,6 +21,7 @@ from db.session import make_engine
 from flows.questions import QuestionBank, load_bank
 from flows.selection import RuleSet, load_rules
 from flows.settings import NightreadSettings, PacsSettings, TlsSettings
+from flows.throttle import association_gate, query_gate
 from integrations.dimse.tls import TlsConfig
 from integrations.errors import ConfigurationError, Interrupted
 from integrations.pacs import DimseStudySource
@@ -69,7 +70,12 @@ def dicomweb_auth(p: PacsSettings) -> tuple[str, str] | None:
 
 
 def build_source(
-    p: PacsSettings, *, inbox: Path, stop: threading.Event | None = None, work_root: Path | None = None
+    p: PacsSettings,
+    *,
+    inbox: Path,
+    stop: threading.Event | None = None,
+    work_root: Path | None = None,
+    throttle: bool = False,
 ) -> StudySource:
     """The adapter for one configured source."""
     if p.kind == "push":
@@ -106,6 +112,8 @@ def build_source(
         staging_root=work_root,
         deadline_base_s=p.retrieve_deadline_s,
         deadline_per_instance_s=p.retrieve_deadline_per_instance_s,
+        association_gate=association_gate(p) if throttle else None,
+        query_gate=query_gate(p) if throttle else None,
     )
 
 
@@ -205,9 +213,10 @@ class Runtime:
             fetch_gate=threading.BoundedSemaphore(settings.flow.concurrency),
         )
 
-    def register_sources(self) -> list[int]:
+    def register_sources(self, *, throttle: bool = False) -> list[int]:
         """Upsert the configured sources into `pacs_source`; return the ids of every enabled source
-        (configured ones and those added with `nightread sources add`)."""
+        (configured ones and those added with `nightread sources add`). With `throttle` (a flow run
+        against Prefect's API), every association holds a slot of its source's pacs:<name> limit."""
         from db import repository as repo
         from db.session import session_scope
 
@@ -225,7 +234,11 @@ class Runtime:
                 with self._lock:
                     if row.id not in self._sources:
                         source = build_source(
-                            pacs, inbox=self.settings.inbox, stop=self.stopping, work_root=self.work_root
+                            pacs,
+                            inbox=self.settings.inbox,
+                            stop=self.stopping,
+                            work_root=self.work_root,
+                            throttle=throttle,
                         )
                         self._sources[row.id] = (pacs, source)
                 ids.append(row.id)

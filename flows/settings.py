@@ -104,6 +104,16 @@ class PacsSettings(BaseModel):
     retrieve_deadline_per_instance_s: float = Field(
         default=2.0, ge=0, description="added to retrieve_deadline_s for each instance the study is said to have"
     )
+    max_associations_day: int = Field(
+        default=2, ge=1, le=64, description="associations with this PACS at once outside night_window (pacs:<name>)"
+    )
+    max_associations_night: int = Field(
+        default=4, ge=1, le=64, description="associations with this PACS at once within night_window"
+    )
+    night_window: str = Field(default="19:00-07:00", description="HH:MM-HH:MM when the night profile applies")
+    queries_per_minute: float = Field(
+        default=0, ge=0, description="at most this many queries a minute (pacs-queries:<name>; 0: no limit)"
+    )
     requery_days: int = Field(
         default=7,
         ge=0,
@@ -136,6 +146,12 @@ class PacsSettings(BaseModel):
         if self.kind == "push" and self.write_back:
             raise ValueError(f'source "{self.name}": a push source has no PACS to write back to')
         return self
+
+    @field_validator("night_window")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        parse_window(v)  # names the problem
+        return v
 
     @field_validator("called_ae", "calling_ae")
     @classmethod

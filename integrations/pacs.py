@@ -17,9 +17,9 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -346,11 +346,15 @@ class DimseStudySource:
         staging_root: Path | None = None,
         deadline_base_s: float | None = None,
         deadline_per_instance_s: float = 0.0,
+        association_gate: Callable[[], AbstractContextManager[Any]] | None = None,
+        query_gate: Callable[[], None] | None = None,
     ) -> None:
         """`stop`: set, it ends a direct C-GET at its next PDU (Interrupted). `staging_root`: where the
         C-MOVE destination stages stray instances (default: the system's temporary folder).
         `deadline_base_s` + `deadline_per_instance_s` × the instances expected: how long one study's
-        retrieval may take in all, however slowly the PACS sends (None: no deadline)."""
+        retrieval may take in all, however slowly the PACS sends (None: no deadline).
+        `association_gate`: held around every association with the PACS (a slot of a shared limit);
+        `query_gate`: called before every query (a rate limit)."""
         if retrieve not in ("get", "move"):
             raise ValueError(f'retrieve must be "get" or "move", not {retrieve!r}')
         self.dimse_receiver = dimse.receiver_choice(dimse_receiver)
@@ -363,6 +367,7 @@ class DimseStudySource:
         self.stop = stop
         self.staging_root = staging_root
         self.deadline_base_s, self.deadline_per_instance_s = deadline_base_s, deadline_per_instance_s
+        self._association_gate, self._query_gate = association_gate, query_gate
         self.name = name
         self.host, self.port = host, port
         self.called_ae, self.calling_ae = called_ae, calling_ae
@@ -430,11 +435,17 @@ class DimseStudySource:
             self._tls_client = client_context(self.tls)
         return self._tls_client
 
-    def _connect(self, ae: AE, **kwargs: Any) -> Any:
+    def _gate(self) -> AbstractContextManager[Any]:
+        """A slot of the PACS's association limit, held while an association lasts (none: no limit)."""
+        return self._association_gate() if self._association_gate is not None else nullcontext()
+
+    @contextmanager
+    def _connect(self, ae: AE, **kwargs: Any) -> Iterator[Any]:
         tls = self._client_tls()
         if tls is not None:
             kwargs["tls_args"] = (tls, self.host)
-        return association(ae, host=self.host, port=self.port, called_ae=self.called_ae, **kwargs)
+        with self._gate(), association(ae, host=self.host, port=self.port, called_ae=self.called_ae, **kwargs) as assoc:
+            yield assoc
 
     # --- verification and query ----------------------------------------------------------------------
     def echo(self) -> None:
@@ -457,6 +468,8 @@ class DimseStudySource:
                     raise _status_error("C-STORE", status, self.called_ae, self.calling_ae)
 
     def _find(self, identifier: Dataset) -> list[Dataset]:
+        if self._query_gate is not None:
+            self._query_gate()
         ae = self._ae()
         ae.add_requested_context(sc.StudyRootQueryRetrieveInformationModelFind)
         out: list[Dataset] = []
@@ -545,9 +558,14 @@ class DimseStudySource:
             else:  # C-GET receives in the requesting process: worker processes, so Python is not the bottleneck
                 pool = self._process_pool()
                 config = self._worker_config()
-                jobs = [pool.submit(_c_get_in_worker, config, ident, str(dest), deadline_s) for ident in identifiers]
-                for future in jobs:
-                    future.result()
+
+                def gated(ident: Dataset) -> None:  # each worker's association holds its own slot
+                    with self._gate():
+                        pool.submit(_c_get_in_worker, config, ident, str(dest), deadline_s).result()
+
+                with ThreadPoolExecutor(max_workers=len(identifiers), thread_name_prefix="c-get") as threads:
+                    for future in [threads.submit(gated, ident) for ident in identifiers]:
+                        future.result()
         finally:
             if self.retrieve == "move":
                 self._sink.unregister(study_instance_uid)
@@ -595,21 +613,22 @@ class DimseStudySource:
 
     def _c_get(self, identifier: Dataset, *, dest: Path, deadline_s: float | None = None) -> None:
         if self.dimse_receiver == "direct":
-            final = dimse.c_get(
-                host=self.host,
-                port=self.port,
-                called_ae=self.called_ae,
-                calling_ae=self.calling_ae,
-                identifier=identifier,
-                dest=dest,
-                file_name=_file_name,
-                storage_classes=RETRIEVE_STORAGE_CLASSES,
-                transfer_syntaxes=TRANSFER_SYNTAXES,
-                timeout_s=self.timeout_s,
-                tls=self._client_tls(),
-                stop=self.stop,
-                deadline_s=deadline_s,
-            )
+            with self._gate():
+                final = dimse.c_get(
+                    host=self.host,
+                    port=self.port,
+                    called_ae=self.called_ae,
+                    calling_ae=self.calling_ae,
+                    identifier=identifier,
+                    dest=dest,
+                    file_name=_file_name,
+                    storage_classes=RETRIEVE_STORAGE_CLASSES,
+                    transfer_syntaxes=TRANSFER_SYNTAXES,
+                    timeout_s=self.timeout_s,
+                    tls=self._client_tls(),
+                    stop=self.stop,
+                    deadline_s=deadline_s,
+                )
             self._check_final("C-GET", final)
             return
         ae = self._ae()

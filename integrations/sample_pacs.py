@@ -564,6 +564,8 @@ class SamplePacs:
         self._server: Any = None
         self._lock = threading.Lock()
         self.associations = 0
+        self.open_now = 0  # connections open at this moment, and the most there ever were at once
+        self.peak_open = 0
         # objects sent to it (nightread's SRs), kept apart from the archive it answers queries from
         self.stored: dict[str, Dataset] = {}
 
@@ -606,6 +608,7 @@ class SamplePacs:
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         self._server = self._ae().start_server(
             (self.host, self._requested_port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
@@ -617,9 +620,15 @@ class SamplePacs:
             self._server.shutdown()
             self._server = None
 
+    def _on_close(self, event: Any) -> None:
+        with self._lock:
+            self.open_now -= 1
+
     def _on_open(self, event: Any) -> None:
         with self._lock:
             self.associations += 1
+            self.open_now += 1
+            self.peak_open = max(self.peak_open, self.open_now)
 
     def _on_store(self, event: Any) -> int:
         ds = event.dataset
