@@ -174,6 +174,22 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="one JSON object
         )
 
 
+@app.command()
+def doctor() -> None:
+    """Check every configured service (database and schema, object store, each PACS with its TLS,
+    Triton, review secret, disk space): one line each; exit 1 when any fails."""
+    from flows.doctor import run_checks
+
+    checks = run_checks(_settings())
+    for check in checks:
+        console.print(check.line(), markup=False, highlight=False)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        console.print(f"{len(failed)} of {len(checks)} checks failed", markup=False)
+        raise typer.Exit(1)
+    console.print(f"all {len(checks)} checks passed", markup=False)
+
+
 # --- running ----------------------------------------------------------------------------------------
 
 
