@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from db.session import session_scope
 from flows.runtime import Runtime
 from flows.selection import Decision, select
 from flows.settings import NightreadSettings
+from flows.telemetry import INFERENCE_BATCH, INFERENCE_SECONDS, RETRIEVAL_BYTES, RETRIEVAL_SECONDS
 from integrations.errors import (
     ConfigurationError,
     Interrupted,
@@ -62,6 +64,7 @@ def retrieve_study(rt: Runtime, study_id: int, dest: Path) -> RetrievedStudy:
         raise PermanentError(f"study {study_id} has no source to retrieve it from")
     # a retry starts from an empty folder so counts are honest
     shutil.rmtree(dest, ignore_errors=True)
+    started = time.perf_counter()
     try:
         retrieved = rt.source(source_id).retrieve_study(uid, dest=dest, expected=expected)
     except RetrievalIncomplete as exc:
@@ -70,6 +73,9 @@ def retrieve_study(rt: Runtime, study_id: int, dest: Path) -> RetrievedStudy:
         raise
     with session_scope(rt.engine) as session:
         repo.update_study(session=session, study_id=study_id, received_instances=len(retrieved.files))
+    source = rt.source_settings(source_id).name
+    RETRIEVAL_SECONDS.labels(source).observe(time.perf_counter() - started)
+    RETRIEVAL_BYTES.labels(source).inc(sum(f.stat().st_size for f in retrieved.files))
     return retrieved
 
 
@@ -253,7 +259,10 @@ def annotate_images(rt: Runtime, study_id: int, image_ids: list[int], model_vers
                     caption_max_new_tokens=max_tokens,
                 )
             )
+        started = time.perf_counter()
         results = annotator.annotate(requests)
+        INFERENCE_SECONDS.observe(time.perf_counter() - started)
+        INFERENCE_BATCH.observe(len(requests))
         captions, findings = [], []
         for image, request, result in zip(chunk, requests, results, strict=True):
             assert image.id is not None

@@ -174,6 +174,17 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="one JSON object
         )
 
 
+def _serve_metrics(settings: NightreadSettings, engine: Any = None) -> None:
+    """The /metrics endpoint of a long-running command, when NIGHTREAD_METRICS__PORT is set."""
+    from db.session import make_engine
+    from flows.telemetry import serve_metrics
+
+    if settings.metrics.port is None:
+        return
+    port = serve_metrics(settings, engine if engine is not None else make_engine(settings.database_url))
+    console.print(f"metrics on http://{settings.metrics.host}:{port}/metrics")
+
+
 @app.command()
 def doctor() -> None:
     """Check every configured service (database and schema, object store, each PACS with its TLS,
@@ -533,6 +544,7 @@ def listen(
     settings = _settings()
     allowed = list(allow or settings.listen.allowed_aes)
     record, engine = make_arrival_recorder(settings)
+    _serve_metrics(settings, engine)
     try:
         receiver = StoreReceiver(
             inbox=settings.inbox,
@@ -863,6 +875,7 @@ def review(
 
     settings = _settings()
     application = build_review_app(settings)
+    _serve_metrics(settings)
     h, p = host or settings.review.host, port if port is not None else settings.review.port
     console.print(
         f"review page on http://{h}:{p}/ (API schema at /openapi.json after logging in; "
@@ -1380,6 +1393,7 @@ def serve(
 
     settings = _settings()
     _upgrade(settings)
+    _serve_metrics(settings)
     if os.environ.get("PREFECT_API_URL") or not server:
         prefect_serve(*build_deployments(settings, cron=cron, timezone=timezone))
         return

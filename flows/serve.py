@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.backfill import backfill, reannotate
 from flows.nightly import nightly
 from flows.settings import NightreadSettings
+from integrations.processes import stop_with_parent
 
 
 def build_deployments(settings: NightreadSettings, *, cron: str = "0 1 * * *", timezone: str = "UTC") -> list[Any]:
@@ -66,6 +67,7 @@ def local_prefect_server(port: int | None = None, timeout_s: float = 120.0) -> I
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=stop_with_parent,  # a killed `nightread serve` leaves no Prefect server behind
     )
     api = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + timeout_s

@@ -290,6 +290,13 @@ class ReviewSettings(BaseModel):
     hsts_max_age_s: int = Field(default=365 * 24 * 3600, ge=0, description="HSTS max-age, sent over https only")
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus metrics of the long-running processes (`serve`, `listen`, `review`)."""
+
+    port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics on this port (unset: off)")
+    host: str = Field(default="127.0.0.1", description="address the metrics endpoint listens on")
+
+
 class ValidationSettings(BaseModel):
     """The promotion gate: `nightread models promote` needs a validation run meeting these."""
 
@@ -381,6 +388,7 @@ class NightreadSettings(BaseSettings):
     )
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     backfill: BackfillSettings = Field(default_factory=BackfillSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     questions_file: Path | None = Field(default=None, description="question bank YAML; default: the bundled one")
     rules_file: Path | None = Field(default=None, description="selection rules YAML; default: the bundled one")
 

@@ -1,0 +1,43 @@
+"""Seeing a night: after a nightly, the Prometheus endpoint shows studies by state, retrieval bytes and
+seconds, inference latency and batch size, open failures by stage and the review queue."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import pytest
+
+from db.migrate import upgrade
+from db.session import make_engine
+from flows.nightly import run_nightly
+from flows.telemetry import serve_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def value(text: str, name: str, labels: str = "") -> float:
+    pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else r"(\{[^}]*\})?") + r" ([0-9.e+-]+)"
+    match = re.search(f"^{pattern}$", text, re.MULTILINE)
+    assert match is not None, f"{name}{{{labels}}} not in the metrics"
+    return float(match.groups()[-1])
+
+
+def test_a_night_is_visible_on_the_metrics_endpoint(prefect_harness, make_settings, sample_pacs) -> None:
+    settings = make_settings(pacs={"port": sample_pacs.port, "called_ae": sample_pacs.ae_title}, metrics={"port": 0})
+    upgrade(settings.database_url)
+    run_nightly(settings)
+    engine = make_engine(settings.database_url)
+    port = serve_metrics(settings, engine)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert value(text, "nightread_studies", 'status="done"') == 5
+    assert value(text, "nightread_retrieval_bytes_total", 'source="sample-pacs"') > 1_000_000
+    assert value(text, "nightread_retrieval_seconds_count", 'source="sample-pacs"') == 5
+    assert value(text, "nightread_inference_seconds_count") >= 5
+    assert value(text, "nightread_inference_batch_size_sum") >= 12  # every rendered image was annotated
+    failures = re.findall(r'^nightread_failures_open\{stage="(\w+)"\} ([0-9.]+)$', text, re.MULTILINE)
+    assert sum(float(n) for _, n in failures) == 2, failures  # the sample PACS's two corrupt frontals
+    assert value(text, "nightread_review_queue", 'state="pending"') > 0
+    assert "PATIENT" not in text, "labels carry states and source names, never patient data"
+    engine.dispose()
