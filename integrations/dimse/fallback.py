@@ -14,8 +14,8 @@ import socket
 import ssl
 import threading
 import types
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, suppress
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom import sop_class as sc
 
 from integrations.dimse import framing
-from integrations.dimse.stream import EdgePolicy, Placement, StoreRequest, StreamingStorageServer
+from integrations.dimse.stream import EdgePolicy, Placement, StoreRequest, StreamingStorageServer, deadline
 
 log = logging.getLogger(__name__)
 
@@ -107,26 +107,10 @@ def nightread_ae(ae_title: str) -> AE:
     return ae
 
 
-@contextmanager
-def abort_after(assoc: Any, seconds: float | None) -> Iterator[threading.Event]:
+def abort_after(assoc: Any, seconds: float | None) -> AbstractContextManager[threading.Event]:
     """Within the block, a pynetdicom association is aborted once `seconds` have passed (the event
     says so): a deadline for a whole C-GET or C-MOVE, however slowly the PACS answers."""
-    passed = threading.Event()
-    if seconds is None:
-        yield passed
-        return
-
-    def expire() -> None:
-        passed.set()
-        assoc.abort()
-
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield passed
-    finally:
-        timer.cancel()
+    return deadline(seconds, assoc.abort)
 
 
 def encoded_instance(event: Any) -> bytes | None:

@@ -467,7 +467,7 @@ def c_get(
             our_ae=calling_ae,
             stop=stop,
         )
-        with _deadline(sock, deadline_s) as passed:
+        with deadline(deadline_s, _shutdown(sock)) as passed:
             try:
                 final = receiver.run()
             except TransientError as exc:
@@ -493,26 +493,34 @@ def c_get(
 
 
 @contextmanager
-def _deadline(sock: socket.socket, seconds: float | None) -> Iterator[threading.Event]:
-    """Within the block, the socket is shut down once `seconds` have passed (the event says so): a
-    deadline for a whole exchange that a peer dripping bytes cannot stretch, at no cost per read."""
+def deadline(seconds: float | None, expire: Callable[[], None]) -> Iterator[threading.Event]:
+    """Within the block, `expire` runs once `seconds` have passed and the event says so (None: never):
+    a deadline for a whole exchange that a peer dripping bytes cannot stretch, at no cost per read.
+    `expire` ends the exchange from another thread (shuts the socket down, aborts the association)."""
     passed = threading.Event()
     if seconds is None:
         yield passed
         return
 
-    def expire() -> None:
+    def fire() -> None:
         passed.set()
-        with suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+        expire()
 
-    timer = threading.Timer(seconds, expire)
+    timer = threading.Timer(seconds, fire)
     timer.daemon = True
     timer.start()
     try:
         yield passed
     finally:
         timer.cancel()
+
+
+def _shutdown(sock: socket.socket) -> Callable[[], None]:
+    def shut() -> None:
+        with suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    return shut
 
 
 class _Receiver:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import suppress
 from io import BytesIO
@@ -214,6 +215,24 @@ class ScriptedPeer:
                 store_context = 3 + 2 * RETRIEVE_STORAGE_CLASSES.index(sc.CTImageStorage)
                 conn.sendall(framing.pdata(store_context, 0x03, command))
                 conn.sendall(framing.pdata(store_context, 0x00, b"\x08\x00\x16\x00" + b"\x00" * 1000))
+            elif self.script == "drip":  # an instance one byte at a time, each well within the read timeout
+                store = C_STORE()
+                store.MessageID = 1
+                store.AffectedSOPClassUID = sc.CTImageStorage
+                store.AffectedSOPInstanceUID = "1.2.3.4"
+                store.Priority = 2
+                store.DataSet = BytesIO(b"\x00" * 8)
+                message = C_STORE_RQ()
+                message.primitive_to_message(store)
+                command = encode(message.command_set, True, True)
+                store_context = 3 + 2 * RETRIEVE_STORAGE_CLASSES.index(sc.CTImageStorage)
+                conn.sendall(framing.pdata(store_context, 0x03, command))
+                pdu = framing.pdata(store_context, 0x00, b"\x08\x00\x16\x00" + b"\x00" * 1000)
+                with suppress(OSError):  # bounded: at most 30 s, ended by the client's deadline
+                    for i in range(len(pdu)):
+                        if self.done.wait(0.1):
+                            break
+                        conn.sendall(pdu[i : i + 1])
             else:  # "silence": the PACS never answers the C-GET
                 self.done.wait(30)
 
@@ -240,6 +259,19 @@ def test_a_silent_pacs_times_out_as_transient(tmp_path):
             c_get(peer.port, tmp_path, timeout_s=0.5)
     finally:
         peer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pacs_that_drips_is_cut_off_at_the_retrieval_deadline(tmp_path):
+    """Each byte comes well within the per-read timeout, so only a deadline for the whole C-GET ends it."""
+    peer = ScriptedPeer("drip")
+    started = time.monotonic()
+    try:
+        with pytest.raises(TransientError, match="did not finish within 1 s"):
+            c_get(peer.port, tmp_path, timeout_s=5, deadline_s=1.0)
+    finally:
+        peer.close()
+    assert time.monotonic() - started < 4
     assert list(tmp_path.iterdir()) == []
 
 
