@@ -33,7 +33,7 @@ from integrations.errors import (
     NightreadError,
     PermanentError,
     RetrievalIncomplete,
-    TransientError,
+    is_transient,
 )
 from integrations.imaging import InstanceInfo, read_dataset, read_instance_info, render, window_key
 from integrations.ports import AnnotationRequest, ImageContext, Question, RetrievedStudy
@@ -42,10 +42,11 @@ from integrations.query import uid_hash
 ANNOTATE_BATCH = 8  # images per annotator call within a study; results are committed per call
 
 
-def _transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry TransientError only; a PermanentError fails at once."""
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """The retry policy of every task (Prefect's retry condition): retry what `is_transient` says is
+    worth it (a TransientError); a PermanentError (ProtocolError, PeerRefused, ...) fails at once."""
     exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
-    return isinstance(exc, TransientError)
+    return isinstance(exc, BaseException) and is_transient(exc)
 
 
 def object_key(*, study_uid: str, sop_uid: str, frame: int, render_version: str) -> str:
@@ -54,7 +55,7 @@ def object_key(*, study_uid: str, sop_uid: str, frame: int, render_version: str)
     return f"images/{study}/{sop}/f{frame}-{render_version}.png"
 
 
-@task(name="retrieve-study", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
+@task(name="retrieve-study", cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def retrieve_study(rt: Runtime, study_id: int, dest: Path) -> RetrievedStudy:
     with session_scope(rt.engine) as session:
         study = session.get(Study, study_id)
@@ -127,7 +128,7 @@ def render_study(rt: Runtime, study_id: int, retrieved: RetrievedStudy, run_id: 
                     repo.resolve_failures(session=session, stage="render", object_ref=ref)
                 counts["rendered"] += 1
             except NightreadError as exc:
-                if isinstance(exc, TransientError):
+                if is_transient(exc):
                     raise
                 with session_scope(rt.engine) as session:
                     repo.record_failure(
@@ -205,7 +206,7 @@ def _render_one(
         )
 
 
-@task(name="annotate-images", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
+@task(name="annotate-images", cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def annotate_images(rt: Runtime, study_id: int, image_ids: list[int], model_version_id: int) -> dict[str, int]:
     """Caption and question bank for each image not yet annotated by this model and bank version."""
     bank = rt.bank

@@ -27,7 +27,7 @@ from db import repository as repo
 from db.cohort import run_cohort
 from db.models import Backfill, Image, Study, StudyStatus, utcnow
 from db.session import session_scope
-from flows.annotate import _transient_only, annotate_images, check_promoted, process_study
+from flows.annotate import annotate_images, check_promoted, process_study, retry_transient
 from flows.discovery import find_day
 from flows.nightly import register_refs
 from flows.runtime import Runtime
@@ -72,7 +72,7 @@ class RateLimit:
             self._sleep(wait)
 
 
-@task(name="backfill-day", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
+@task(name="backfill-day", cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def register_day(rt: Runtime, source_id: int, day: str, modalities: Sequence[str]) -> dict[str, int]:
     counts: Counter[str] = Counter()
     refs = find_day(

@@ -17,7 +17,7 @@ from db import ledger
 from db import repository as repo
 from db.models import PacsSource, utcnow
 from db.session import session_scope
-from flows.annotate import _transient_only, check_promoted, process_study
+from flows.annotate import check_promoted, process_study, retry_transient
 from flows.discovery import find_since
 from flows.runtime import Runtime
 from flows.settings import NightreadSettings
@@ -54,7 +54,7 @@ def register_refs(*, session: Any, source_id: int, refs: Sequence[StudyRef]) -> 
     )
 
 
-@task(name="discover-studies", cache_policy=NO_CACHE, retry_condition_fn=_transient_only)
+@task(name="discover-studies", cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def discover_studies(rt: Runtime, source_id: int) -> dict[str, int]:
     """C-FIND/QIDO from the source's cursor (less its re-query window); register new studies and move the
     cursor in one transaction."""

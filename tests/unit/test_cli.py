@@ -402,3 +402,24 @@ def test_backfill_models_and_validate_commands_refuse_bad_input_clearly(tmp_path
     bad_where = run("reannotate", "--where", "pneumothorax >=", env=env)
     assert bad_where.returncode == 2
     assert "ends too early" in bad_where.stderr
+
+
+def test_every_command_is_registered_under_python_dash_m_too() -> None:
+    """`python -m flows.cli` must see the same commands as `nightread` (the __main__ guard sits last)."""
+    import subprocess
+    import sys
+
+    from flows.cli import app
+
+    names = sorted(c.name or c.callback.__name__ for c in app.registered_commands)  # type: ignore[union-attr]
+    groups = sorted(g.name for g in app.registered_groups if g.name)
+    shown = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert len(names) + len(groups) >= 20
+    missing = [n.replace("_", "-") for n in names + groups if n.replace("_", "-") not in shown and n not in shown]
+    assert missing == []
+    nested = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "users", "list", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert nested.returncode == 0, nested.stdout + nested.stderr
