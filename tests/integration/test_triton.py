@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import socket
+import time
 import urllib.request
 
 import numpy as np
@@ -38,7 +39,11 @@ def test_dynamic_batcher_forms_batches(triton_server):
     request = AnnotationRequest(png(), ImageContext("CR", "CHEST"), (Question("q", "Is there a mass?"),), caption=False)
     with TritonAnnotator(url=triton_server.grpc_url, max_in_flight=16) as triton:
         assert len(triton.annotate([request] * 32)) == 32
-    requests = metric(triton_server, "nv_inference_request_success") - requests_before
+    # Triton refreshes its metrics on an interval (2 s by default): poll until they show every request
+    deadline = time.monotonic() + 15
+    while (requests := metric(triton_server, "nv_inference_request_success") - requests_before) < 32:
+        assert time.monotonic() < deadline, f"the metrics show {requests} of 32 requests"
+        time.sleep(0.1)
     executions = metric(triton_server, "nv_inference_exec_count") - executions_before
     assert requests == 32
     assert executions < requests, f"{requests} requests ran in {executions} executions: no batches formed"
