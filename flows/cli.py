@@ -1159,6 +1159,26 @@ def cohort_cmd(
         console.print(
             f"de-identified: {m['studies']} studies, {m['dicom_files']} DICOM files, {m['pngs']} PNGs in {deid_out}"
         )
+    if out is not None or finetune is not None or deid_out is not None:  # an export leaves the database: audited
+        from db import reviews
+        from db.models import AuditAction
+        from db.session import make_engine, session_scope
+
+        audit_engine = make_engine(settings.database_url)
+        try:
+            with session_scope(audit_engine) as session:
+                reviews.audit(
+                    session=session,
+                    action=AuditAction.COHORT_EXPORTED,
+                    actor=reviews.cli_actor(),
+                    client="cli",
+                    detail=(
+                        f"{len(result.rows)} {per} row(s); table={out is not None} finetune={finetune is not None} "
+                        f"deid={deid_out is not None}; where: {where[:400]}"
+                    ),
+                )
+        finally:
+            audit_engine.dispose()
 
 
 # --- validation and the promotion gate ----------------------------------------------------------------

@@ -378,6 +378,11 @@ def test_cohort_export_from_the_cli(tmp_path):
     assert len((tmp_path / "ft" / "train.jsonl").read_text().splitlines()) == 1
     assert pq.read_table(out).num_rows == 1
     assert (tmp_path / "x" / "cohort.parquet.manifest.json").exists()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "nightread.db") as conn:  # the export is in the audit log
+        (detail,) = conn.execute("SELECT detail FROM audit_event WHERE action = 'cohort_exported'").fetchone()
+    assert detail.startswith("1 image row(s); table=True finetune=True deid=False; where: pleural_effusion")
     bad = run("cohort", "--where", "pleural_effusion >= maybe", env=env)
     assert bad.returncode == 2
     assert "cohort expression" in bad.stderr
