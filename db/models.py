@@ -36,6 +36,8 @@ class PacsSource(SQLModel, table=True):
     # discovery cursor: the latest (StudyDate, StudyTime) whose studies are committed
     cursor_date: str | None = Field(default=None, max_length=8)
     cursor_time: str | None = Field(default=None, max_length=6)
+    # the last change of the PACS's own change feed already read (Orthanc's /changes `Last`)
+    changes_seq: int | None = None
     # the source's settings (no secrets): how a run reaches it; rows added by `nightread sources add`
     config: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     enabled: bool = True

@@ -119,6 +119,16 @@ def move_cursor(*, session: Session, source_id: int, date: str, time: str) -> No
         session.add(source)
 
 
+def move_changes_seq(*, session: Session, source_id: int, seq: int) -> None:
+    """Where discovery stands in the PACS's change feed; it never moves backwards."""
+    source = session.get(PacsSource, source_id)
+    if source is None:
+        raise LookupError(f"no pacs_source with id {source_id}")
+    if source.changes_seq is None or source.changes_seq < seq:
+        source.changes_seq, source.updated_at = seq, utcnow()
+        session.add(source)
+
+
 # --- studies -----------------------------------------------------------------------------------
 
 

@@ -114,6 +114,11 @@ class PacsSettings(BaseModel):
     queries_per_minute: float = Field(
         default=0, ge=0, description="at most this many queries a minute (pacs-queries:<name>; 0: no limit)"
     )
+    orthanc_url: str | None = Field(
+        default=None,
+        description="the PACS's Orthanc REST root (e.g. http://pacs:8042): its /changes also finds studies "
+        "archived late, whatever their date (username/password and tls.ca_file apply)",
+    )
     requery_days: int = Field(
         default=7,
         ge=0,
@@ -131,8 +136,8 @@ class PacsSettings(BaseModel):
     tls: TlsSettings = Field(default_factory=TlsSettings, description="DICOM TLS to this PACS (and our C-MOVE SCP)")
     # DICOMweb: HTTPS is verified against tls.ca_file when set (else the system's CAs)
     auth: Literal["none", "bearer", "basic"] = Field(default="none", description="dicomweb: HTTP authentication")
-    username: str = Field(default="", description="dicomweb basic auth")
-    password: SecretStr = Field(default=SecretStr(""), description="dicomweb basic auth")
+    username: str = Field(default="", description="dicomweb (and orthanc_url) basic auth")
+    password: SecretStr = Field(default=SecretStr(""), description="dicomweb (and orthanc_url) basic auth")
     token: SecretStr = Field(default=SecretStr(""), description="dicomweb bearer token")
 
     @model_validator(mode="after")

@@ -175,6 +175,11 @@ class DicomWebStudySource:
     def find_studies(self, *, since: dt.datetime | None, modalities: Sequence[str] = ()) -> list[StudyRef]:
         return self._search_studies({"StudyDate": f"{since:%Y%m%d}-"} if since else {}, since, modalities)
 
+    def find_study(self, study_instance_uid: str) -> StudyRef | None:
+        """One study by its UID (a study a change feed named), or None when the PACS does not know it."""
+        found = self._search_studies({"StudyInstanceUID": study_instance_uid}, None, ())
+        return next((r for r in found if r.study_instance_uid == study_instance_uid), None)
+
     def find_studies_on(
         self, *, date: str, time_range: tuple[str, str] | None = None, modalities: Sequence[str] = ()
     ) -> list[StudyRef]:

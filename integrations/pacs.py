@@ -511,6 +511,20 @@ class DimseStudySource:
     def find_studies(self, *, since: dt.datetime | None, modalities: Sequence[str] = ()) -> list[StudyRef]:
         return self._studies(f"{since:%Y%m%d}-" if since else "", "", modalities, since)
 
+    def find_study(self, study_instance_uid: str) -> StudyRef | None:
+        """One study by its UID (a study a change feed named), or None when the PACS does not know it."""
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = study_instance_uid
+        q.StudyDate = ""
+        q.StudyTime = ""
+        q.AccessionNumber = ""
+        q.StudyDescription = ""
+        q.ModalitiesInStudy = ""
+        q.NumberOfStudyRelatedInstances = ""
+        found = [study_ref(ds) for ds in self._find(q)]
+        return next((r for r in found if r.study_instance_uid == study_instance_uid), None)
+
     def find_studies_on(
         self, *, date: str, time_range: tuple[str, str] | None = None, modalities: Sequence[str] = ()
     ) -> list[StudyRef]:

@@ -1,11 +1,13 @@
 """A study archived late with a date before the discovery cursor (an outside study, a modality's
 backlog, a corrected date) is found by the next night: discovery re-queries `requery_days` before its
-cursor and registers idempotently. Against a real Orthanc; with `requery_days=0` it would be missed."""
+cursor and registers idempotently (with `requery_days=0` it would be missed), and a PACS's change feed
+(Orthanc's /changes) finds one dated before the window too. Against a real Orthanc."""
 
 from __future__ import annotations
 
 import datetime as dt
 import shutil
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -69,3 +71,50 @@ def test_a_late_arrival_with_an_earlier_date_is_found_next_night(
             registered = set(session.exec(select(Study.study_instance_uid)).all())
     assert (late.study_instance_uid in registered) is found_late
     assert second["new"] == (1 if found_late else 0), "the studies seen before are not registered twice"
+
+
+def test_orthancs_change_feed_finds_a_late_study_outside_the_requery_window(
+    tmp_path_factory: pytest.TempPathFactory, make_settings
+) -> None:
+    """A study dated a month back, archived after the first night: the re-query window (7 days) cannot see
+    it, Orthanc's /changes can. The first look only notes where the feed stands."""
+    if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
+        require_or_skip("Orthanc with the DICOMweb plugin (apt-get install orthanc orthanc-dicomweb)")
+    folder = tmp_path_factory.mktemp("orthanc-changes")
+    server = Orthanc.on_free_ports(folder, extra_config={"StableAge": 1})
+    server.start()
+    try:
+        recent = generate_studies(seed=41, today=TODAY, xr_size=64, ct_size=32, ct_slices=4)[:2]
+        (old,) = generate_studies(seed=42, today=TODAY - dt.timedelta(days=30), xr_size=64, ct_size=32, ct_slices=4)[:1]
+        server.upload_datasets(ds for s in recent for ds in s.instances)
+        settings = make_settings(
+            sources=[
+                {"name": "orthanc", "kind": "dimse", "host": "127.0.0.1", "port": server.dicom_port,
+                 "called_ae": server.aet, "calling_ae": server.nightread_ae, "lookback_days": 9,
+                 "orthanc_url": server.url}
+            ]
+        )  # fmt: skip
+        upgrade(settings.database_url)
+        with Runtime.build(settings) as rt:
+            (source_id,) = rt.register_sources()
+            first = discover_studies.fn(rt, source_id)
+            assert (first["new"], first["changed"]) == (2, 0), "the first look reads no history"
+            server.upload_datasets(old.instances)
+            deadline = time.monotonic() + 60
+            found = 0
+            while not found:  # Orthanc calls a study stable StableAge (1 s) after its last instance
+                assert time.monotonic() < deadline, "the late study never came through the change feed"
+                time.sleep(0.5)
+                found = discover_studies.fn(rt, source_id)["new"]
+            with session_scope(rt.engine) as session:
+                registered = set(session.exec(select(Study.study_instance_uid)).all())
+                source = session.get(PacsSource, source_id)
+                assert source is not None
+                assert source.changes_seq is not None
+            again = discover_studies.fn(rt, source_id)
+        assert old.study_instance_uid in registered
+        assert found == 1
+        assert again["new"] == 0, "a change read once is not read again"
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
