@@ -237,14 +237,23 @@ def test_incomplete_study_is_retried_then_recorded_as_failed(prefect_harness, ma
 def test_only_transient_errors_are_retried():
     from prefect.states import Failed
 
-    from flows.annotate import _transient_only
-    from integrations.errors import DecodeError, PeerRefused, RetrievalIncomplete, TransientError
+    from flows.annotate import retry_transient
+    from integrations.errors import (
+        DecodeError,
+        Interrupted,
+        PeerRefused,
+        ProtocolError,
+        RetrievalIncomplete,
+        TransientError,
+    )
 
-    assert _transient_only(None, None, Failed(data=TransientError("busy")))
-    assert _transient_only(None, None, Failed(data=RetrievalIncomplete(expected=3, received=2)))
-    assert not _transient_only(None, None, Failed(data=PeerRefused("no")))
-    assert not _transient_only(None, None, Failed(data=DecodeError("bad pixels")))
-    assert not _transient_only(None, None, Failed(data=ValueError("a bug")))
+    assert retry_transient(None, None, Failed(data=TransientError("busy")))
+    assert retry_transient(None, None, Failed(data=RetrievalIncomplete(expected=3, received=2)))
+    assert not retry_transient(None, None, Failed(data=PeerRefused("no")))
+    assert not retry_transient(None, None, Failed(data=ProtocolError("a PDU longer than negotiated")))
+    assert not retry_transient(None, None, Failed(data=Interrupted("stopping")))
+    assert not retry_transient(None, None, Failed(data=DecodeError("bad pixels")))
+    assert not retry_transient(None, None, Failed(data=ValueError("a bug")))
 
 
 def test_temperature_scaling():
