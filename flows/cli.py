@@ -825,7 +825,6 @@ def model_tiny(
     console.print(f"tiny {family} checkpoint written to {path}")
 
 
-
 # --- review page, users, audit --------------------------------------------------------------------------
 users_app = typer.Typer(help="Users of the review page.", no_args_is_help=True)
 audit_app = typer.Typer(help="The review audit trail.", no_args_is_help=True)
