@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: venv lock check-lock demo test lint clean fuzz bench-retrieval bench-triton bench-engine bench-render bench-receiver
+.PHONY: venv lock check-lock demo test lint clean fuzz bench-retrieval bench-triton bench-engine bench-render bench-receiver chaos
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ bench-engine: venv
 
 bench-triton: venv
 	$(BIN)/python -m tests.bench.triton
+
+# the fault harness: kills, outages and a faulty PACS during nightlies on Postgres + Orthanc + S3 + Triton;
+# prints figures (last lines R1, R2, R3), asserts nothing; NIGHTREAD_CHAOS_STUDIES scales it (default 20)
+chaos: venv
+	$(BIN)/python -m tests.chaos
 
 clean:
 	rm -rf .nightread test-output .pytest_cache .mypy_cache .ruff_cache
