@@ -32,7 +32,7 @@ from flows.discovery import find_day
 from flows.nightly import register_refs
 from flows.runtime import Runtime
 from flows.settings import NightreadSettings, parse_window
-from flows.throttle import apply_limits
+from flows.throttle import apply_limits, shared_api
 from integrations.errors import ConfigurationError
 
 
@@ -112,8 +112,10 @@ def backfill(
     counts: Counter[str] = Counter()
     limiter = RateLimit(settings.backfill.studies_per_hour)
     with Runtime.build(settings) as rt:
-        ids = rt.register_sources(throttle=True)
-        apply_limits([rt.source_settings(i) for i in ids])
+        throttled = shared_api()
+        ids = rt.register_sources(throttle=throttled)
+        if throttled:
+            apply_limits([rt.source_settings(i) for i in ids])
         by_name = {rt.source_settings(i).name: i for i in ids}
         if source is None:
             if not by_name:

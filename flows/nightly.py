@@ -21,7 +21,7 @@ from flows.annotate import check_promoted, process_study, retry_transient
 from flows.discovery import find_since
 from flows.runtime import Runtime
 from flows.settings import NightreadSettings
-from flows.throttle import apply_limits
+from flows.throttle import apply_limits, shared_api
 from integrations.ports import StudyRef
 
 
@@ -128,9 +128,11 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
     flow_run_id = str(flow_run.id) if flow_run is not None else None
     counts: Counter[str] = Counter()
     with Runtime.build(settings) as rt:
-        source_ids = rt.register_sources(throttle=True)
-        caps = apply_limits([rt.source_settings(i) for i in source_ids])
-        logger.info("PACS association limits for this hour: %s", caps)
+        throttled = shared_api()
+        source_ids = rt.register_sources(throttle=throttled)
+        if throttled:
+            caps = apply_limits([rt.source_settings(i) for i in source_ids])
+            logger.info("PACS association limits for this hour: %s", caps)
         with session_scope(rt.engine) as session:
             recovered = ledger.recover(session=session)
             run_id = repo.start_run(

@@ -20,6 +20,17 @@ from contextlib import AbstractContextManager, contextmanager
 from flows.settings import PacsSettings, parse_window
 
 
+def shared_api() -> bool:
+    """Throttle only against a Prefect API server of its own (PREFECT_API_URL: `nightread serve`, a
+    worker, the compose stack). The one-process embedded mode (`run`, `demo`) starts a temporary
+    server that forgets its leases when the process is killed, while the slots they held stay counted
+    in its database: a SIGKILL there would hold a slot for good and hang every later run (found by
+    `make chaos`). That mode runs one process, bounded by NIGHTREAD_FLOW__CONCURRENCY."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
 def association_limit(source: str) -> str:
     return f"pacs:{source}"
 

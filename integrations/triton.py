@@ -122,7 +122,16 @@ def decode_result(raw: bytes) -> tuple[AnnotationResult | None, ModelInfo]:
 
 # --- the client -----------------------------------------------------------------------------------
 
-_TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED")
+_TRANSIENT_STATUS = (
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+    "ABORTED",
+    "CANCELLED",
+    # a Triton shutting down (or restarting) unloads its models first: not a wrong model name (the
+    # run checked the model is ready before it started), so ridden out like any outage (make chaos)
+    "has no available versions",
+)
 
 
 def _is_transient(exc: Exception) -> bool:

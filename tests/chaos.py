@@ -8,7 +8,9 @@ R1  runs killed at random points (a fixed, printed seed), alternately by SIGKILL
     whose Postgres stops and starts again under it; a run whose object store fails (every S3
     connection reset, new ones refused, for a few seconds: a fault proxy in front of moto, which keeps
     its objects in memory and would lose them if stopped); then clean runs until every study is done
-    or failed (at most 3). Figures after the last one:
+    or failed (at most 3). When killed runs left every slot of the PACS's association limit held (a
+    Prefect global concurrency limit), the next run would wait for a slot forever: R1 says so, skips
+    its other runs and shows it with one clean run of 60 s. Figures after the last run:
       lost        studies in Orthanc not `done` (or done without an annotated image)
       duplicated  rows twice under one key (studies, images, captions, findings, failures, SR reports),
                   model versions beyond one, image rows sharing an object, objects in S3 (images,
@@ -514,9 +516,9 @@ def unsettled(setup: Setup, uids: set[str]) -> int:
     return len(uids - settled)
 
 
-def held_slots(setup: Setup) -> dict[str, int]:
-    """Active slots of the Prefect global concurrency limits in this setup's Prefect database (the
-    pacs:<name> association limit): with no run going, anything held is a leak."""
+def held_slots(setup: Setup) -> dict[str, tuple[int, int]]:
+    """(active slots, limit) of each Prefect global concurrency limit in this setup's Prefect database
+    (pacs:<name>, the association limit): with no run going, any slot held is a leak."""
     import sqlite3
 
     db = setup.work / "prefect" / "prefect.db"
@@ -527,7 +529,12 @@ def held_slots(setup: Setup) -> dict[str, int]:
             rows = conn.execute('SELECT name, active_slots, "limit" FROM concurrency_limit_v2').fetchall()
         except sqlite3.Error:
             return {}
-    return {f"{name} (limit {limit})": int(active) for name, active, limit in rows}
+    return {str(name): (int(active), int(limit)) for name, active, limit in rows}
+
+
+def exhausted_limits(setup: Setup) -> dict[str, tuple[int, int]]:
+    """The limits whose every slot is held with no run going: the next run waits for one forever."""
+    return {name: held for name, held in held_slots(setup).items() if held[0] >= held[1]}
 
 
 def clean_runs(setup: Setup, *, uids: set[str], at_most: int, timeout_s: float, say: Callable[[str], None]) -> int:
@@ -661,15 +668,22 @@ def phase_r1(
     events: list[str] = [f"kill{i}" for i in range(kills)]
     events.insert(min(2, len(events)), "postgres")
     events.append("s3")
+    run_timeout_s = 60.0 + 3.0 * len(uids)
     try:
         for event in events:
+            if exhausted_limits(setup):
+                say(
+                    f"  R1: killed runs left every slot of {exhausted_limits(setup)} (held, limit) held: every "
+                    "later run waits for a slot forever; R1's other runs skipped"
+                )
+                break
             if hung_in_a_row >= 2:
                 say("  R1: two runs in a row did not end in time; the rest of its runs would hang too: skipped")
                 break
             if event.startswith("kill"):
                 sig = signal.SIGKILL if int(event[4:]) % 2 == 0 else signal.SIGTERM
                 point = random_point(rng)
-                outcome = run_stopped(setup, engine, sig=sig, point=point)
+                outcome = run_stopped(setup, engine, sig=sig, point=point, timeout_s=run_timeout_s)
                 delivered += bool(outcome.signal_sent)
                 what = f"sent after {outcome.wall_s:.1f} s" if outcome.signal_sent else "not reached"
                 if outcome.hung:
@@ -690,7 +704,7 @@ def phase_r1(
                     down=(lambda: postgres_down(svc.postgres)) if on_postgres else (lambda: s3_down(svc.s3_proxy)),
                     up=(lambda: postgres_up(svc.postgres)) if on_postgres else (lambda: s3_up(svc.s3_proxy)),
                     down_s=5.0 if on_postgres else 8.0,
-                    timeout_s=180,
+                    timeout_s=run_timeout_s + 30,
                 )
                 if on_postgres:
                     engine.dispose()  # its connections died with the server
@@ -711,10 +725,13 @@ def phase_r1(
                     )
                 )
             hung_in_a_row = hung_in_a_row + 1 if outcome.hung else 0
-        slots = held_slots(setup)
-        if any(slots.values()):
-            say(f"  R1: Prefect concurrency slots held with no run going: {slots}")
-        clean_runs(setup, uids=uids, at_most=3, timeout_s=150, say=say)
+        slots = {name: held for name, held in held_slots(setup).items() if held[0]}
+        if slots:
+            say(f"  R1: Prefect concurrency slots (held, limit) with no run going: {slots}")
+        if exhausted_limits(setup):  # one clean run, to show that it hangs
+            clean_runs(setup, uids=uids, at_most=1, timeout_s=60, say=say)
+        else:
+            clean_runs(setup, uids=uids, at_most=3, timeout_s=run_timeout_s, say=say)
     finally:
         engine.dispose()
     return delivered, tally(setup, expected_uids=uids, store=s3_store(setup, svc.s3.endpoint))
@@ -740,7 +757,9 @@ def phase_r2(
 
     try:
         point = Point("annotated", 0.0)
-        outcome, struck = run_disturbed(setup, engine, point=point, down=down, up=up, down_s=outage_s, timeout_s=600)
+        outcome, struck = run_disturbed(
+            setup, engine, point=point, down=down, up=up, down_s=outage_s, timeout_s=180 + outage_s + 3.0 * len(uids)
+        )
     finally:
         engine.dispose()
     say(
@@ -763,7 +782,7 @@ def phase_r3(
     proxy.set_faults(PACS_FAULTS)
     try:
         for n in range(1, runs + 1):
-            outcome = run_once(setup, timeout_s=180)
+            outcome = run_once(setup, timeout_s=90.0 + 4.0 * len(uids))
             say(
                 f"  R3 run {n}: exit {outcome.returncode} in {outcome.wall_s:.0f} s; faults so far: "
                 f"{dict(proxy.injected - injected)} in {proxy.connections - connections} associations"

@@ -22,6 +22,7 @@ from tests.chaos import (
     Setup,
     chaos_studies,
     clean_runs,
+    exhausted_limits,
     run_once,
     run_stopped,
     s3_store,
@@ -31,7 +32,7 @@ from tests.chaos import (
 )
 from tests.conftest import require_or_skip
 from tests.fault_proxy import FaultProxy
-from tests.services import DICOMWEB_PLUGIN, ORTHANC, Orthanc
+from tests.services import DICOMWEB_PLUGIN, ORTHANC, Orthanc, S3Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 STUDIES = 10
@@ -53,14 +54,20 @@ def chaos_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Or
 
 
 @pytest.fixture
-def pacs_proxy(chaos_orthanc) -> Iterator[FaultProxy]:
+def pacs_proxy(chaos_orthanc: tuple[Orthanc, set[str]]) -> Iterator[FaultProxy]:
     orthanc, _ = chaos_orthanc
     with FaultProxy(target_port=orthanc.dicom_port, seed=7, stall_s=5.0, drip_s=2.0, drip_bytes=256) as proxy:
         yield proxy
 
 
 def test_killed_stopped_and_faulted_nights_end_with_every_study_annotated_once(
-    tmp_path: Path, postgres_url, s3_server, s3_settings, tiny_model, chaos_orthanc, pacs_proxy
+    tmp_path: Path,
+    postgres_url: str,
+    s3_server: S3Server,
+    s3_settings: dict[str, object],
+    tiny_model: Path,
+    chaos_orthanc: tuple[Orthanc, set[str]],
+    pacs_proxy: FaultProxy,
 ) -> None:
     orthanc, uids = chaos_orthanc
     setup = Setup(
@@ -79,6 +86,10 @@ def test_killed_stopped_and_faulted_nights_end_with_every_study_annotated_once(
         killed = run_stopped(setup, engine, sig=signal.SIGKILL, point=Point("rendered", 0.2), timeout_s=120)
         assert killed.signal_sent == "SIGKILL", killed.tail()
         assert not killed.hung
+        assert not exhausted_limits(setup), (
+            f"the killed run left every slot of the PACS's association limit held {exhausted_limits(setup)}: "
+            "every later run would wait for one forever"
+        )
 
         stopped = run_stopped(setup, engine, sig=signal.SIGTERM, point=Point("done", 0.0, n=1), timeout_s=120)
         assert stopped.signal_sent == "SIGTERM", stopped.tail()

@@ -16,9 +16,15 @@ from tests.fault_proxy import FaultProxy, PduBoundaries, check_faults
 pytestmark = pytest.mark.timeout(60)
 
 
+class EchoServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    accepted = 0  # connections that reached it
+
+
 class _Echo(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        self.server.accepted += 1  # type: ignore[attr-defined]
+        assert isinstance(self.server, EchoServer)
+        self.server.accepted += 1
         try:
             while data := self.request.recv(65536):
                 self.request.sendall(data)
@@ -27,10 +33,8 @@ class _Echo(socketserver.BaseRequestHandler):
 
 
 @pytest.fixture
-def echo() -> Iterator[socketserver.ThreadingTCPServer]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
-    server.daemon_threads = True
-    server.accepted = 0  # type: ignore[attr-defined]
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer(("127.0.0.1", 0), _Echo)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -41,7 +45,7 @@ def echo() -> Iterator[socketserver.ThreadingTCPServer]:
         thread.join(timeout=10)
 
 
-def port_of(server: socketserver.ThreadingTCPServer) -> int:
+def port_of(server: EchoServer) -> int:
     return int(server.server_address[1])
 
 
@@ -61,7 +65,7 @@ def read_all(sock: socket.socket, *, limit: int = 1 << 20) -> tuple[bytes, BaseE
     return bytes(got), None
 
 
-def test_pass_forwards_both_ways_and_counts_no_fault(echo) -> None:
+def test_pass_forwards_both_ways_and_counts_no_fault(echo: EchoServer) -> None:
     payload = bytes(range(256)) * 400
     with FaultProxy(target_port=port_of(echo)) as proxy, socket.create_connection(("127.0.0.1", proxy.port)) as c:
         c.settimeout(10)
@@ -73,7 +77,7 @@ def test_pass_forwards_both_ways_and_counts_no_fault(echo) -> None:
     assert proxy.faults == 0
 
 
-def test_abort_closes_at_once_and_never_reaches_the_target(echo) -> None:
+def test_abort_closes_at_once_and_never_reaches_the_target(echo: EchoServer) -> None:
     with FaultProxy(target_port=port_of(echo), faults={"abort": 1.0}) as proxy:
         with socket.create_connection(("127.0.0.1", proxy.port)) as c:
             c.settimeout(10)
@@ -91,7 +95,7 @@ def test_abort_closes_at_once_and_never_reaches_the_target(echo) -> None:
         (3, 3),  # inside the first header
     ],
 )
-def test_reset_cuts_inside_a_pdu_then_sends_a_rst(echo, cut, expected) -> None:
+def test_reset_cuts_inside_a_pdu_then_sends_a_rst(echo: EchoServer, cut: int, expected: int) -> None:
     stream = pdu(100, 0xAA) + pdu(200, 0xBB)
     with FaultProxy(target_port=port_of(echo), faults={"reset": 1.0}, cut_after=(cut, cut)) as proxy:
         with socket.create_connection(("127.0.0.1", proxy.port)) as c:
@@ -106,7 +110,7 @@ def test_reset_cuts_inside_a_pdu_then_sends_a_rst(echo, cut, expected) -> None:
     assert not boundaries.at_boundary()
 
 
-def test_a_reset_drawn_for_a_connection_that_ends_first_is_a_pass(echo) -> None:
+def test_a_reset_drawn_for_a_connection_that_ends_first_is_a_pass(echo: EchoServer) -> None:
     with FaultProxy(target_port=port_of(echo), faults={"reset": 1.0}, cut_after=(1000, 1000)) as proxy:
         with socket.create_connection(("127.0.0.1", proxy.port)) as c:
             c.settimeout(10)
@@ -118,7 +122,7 @@ def test_a_reset_drawn_for_a_connection_that_ends_first_is_a_pass(echo) -> None:
         assert proxy.faults == 0
 
 
-def test_stall_stops_the_bytes_for_a_while_then_they_flow(echo) -> None:
+def test_stall_stops_the_bytes_for_a_while_then_they_flow(echo: EchoServer) -> None:
     with FaultProxy(target_port=port_of(echo), faults={"stall": 1.0}, stall_s=1.0, cut_after=(10, 10)) as proxy:
         with socket.create_connection(("127.0.0.1", proxy.port)) as c:
             c.settimeout(10)
@@ -140,7 +144,7 @@ def test_stall_stops_the_bytes_for_a_while_then_they_flow(echo) -> None:
         assert proxy.injected == {"stall": 1}
 
 
-def test_drip_sends_small_chunks_for_a_bounded_time_then_passes(echo) -> None:
+def test_drip_sends_small_chunks_for_a_bounded_time_then_passes(echo: EchoServer) -> None:
     payload = bytes(range(200)) * 10
     with FaultProxy(
         target_port=port_of(echo), faults={"drip": 1.0}, drip_bytes=8, drip_interval_s=0.05, drip_s=0.4
@@ -160,7 +164,7 @@ def test_drip_sends_small_chunks_for_a_bounded_time_then_passes(echo) -> None:
         assert proxy.injected == {"drip": 1}
 
 
-def test_drop_connections_resets_open_connections(echo) -> None:
+def test_drop_connections_resets_open_connections(echo: EchoServer) -> None:
     with FaultProxy(target_port=port_of(echo)) as proxy:
         with socket.create_connection(("127.0.0.1", proxy.port)) as c:
             c.settimeout(10)
@@ -172,7 +176,7 @@ def test_drop_connections_resets_open_connections(echo) -> None:
         assert proxy.injected == {"dropped": 1}
 
 
-def test_set_faults_changes_the_mix_for_new_connections(echo) -> None:
+def test_set_faults_changes_the_mix_for_new_connections(echo: EchoServer) -> None:
     with FaultProxy(target_port=port_of(echo), faults={"abort": 1.0}) as proxy:
         proxy.set_faults({})
         with socket.create_connection(("127.0.0.1", proxy.port)) as c:
@@ -183,7 +187,7 @@ def test_set_faults_changes_the_mix_for_new_connections(echo) -> None:
         assert proxy.chosen == {"pass": 1}
 
 
-def test_the_mix_is_drawn_with_the_configured_shares(echo) -> None:
+def test_the_mix_is_drawn_with_the_configured_shares(echo: EchoServer) -> None:
     with FaultProxy(target_port=port_of(echo), faults={"abort": 0.5}, seed=3) as proxy:
         for _ in range(60):
             with socket.create_connection(("127.0.0.1", proxy.port)) as c:
@@ -206,7 +210,9 @@ def test_the_mix_is_checked_and_names_the_problem() -> None:
         FaultProxy(target_port=1, target_host="10.0.0.1")
 
 
-def test_connections_over_the_bound_are_refused_and_stop_joins_every_thread(echo) -> None:
+def test_connections_over_the_bound_are_refused_and_stop_joins_every_thread(
+    echo: EchoServer,
+) -> None:
     proxy = FaultProxy(target_port=port_of(echo), max_connections=1).start()
     try:
         first = socket.create_connection(("127.0.0.1", proxy.port))

@@ -53,3 +53,20 @@ def test_an_outage_longer_than_outage_s_is_reported_as_transient() -> None:
     with pytest.raises(TransientError, match=r"failed for 0 s \(\d+ tries\)|failed for 1 s"):
         annotator(client, outage_s=0.3)._infer(request())
     assert time.monotonic() - started < 5
+
+
+def test_a_triton_shutting_down_is_an_outage_not_a_wrong_model() -> None:
+    """While tritonserver stops it unloads its models first: 'has no available versions' is ridden out."""
+
+    class Unloaded(DownFor):
+        def infer(self, *args: object, **kwargs: object) -> Response:
+            self.tries += 1
+            if time.monotonic() < self.until:
+                raise RuntimeError(
+                    "[StatusCode.NOT_FOUND] Request for unknown model: 'nightread_vlm' has no available versions"
+                )
+            return Response()
+
+    client = Unloaded(0.3)
+    assert annotator(client, outage_s=2.0)._infer(request()) == b"{}"
+    assert client.tries > 1
