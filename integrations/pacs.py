@@ -496,10 +496,12 @@ class DimseStudySource:
             raise ResultsCapped(operation=f"C-FIND at PACS {self.called_ae}", partial=partial) from None
         return studies_since((study_ref(ds) for ds in answers), since=since, modalities=modalities)
 
-    def _study_query(self, date: str, time: str, modalities: Sequence[str]) -> list[Dataset]:
+    def _study_query(
+        self, date: str, time: str, modalities: Sequence[str], study_instance_uid: str = ""
+    ) -> list[Dataset]:
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
-        q.StudyInstanceUID = ""
+        q.StudyInstanceUID = study_instance_uid
         q.StudyDate = date
         q.StudyTime = time
         q.AccessionNumber = ""
@@ -513,16 +515,7 @@ class DimseStudySource:
 
     def find_study(self, study_instance_uid: str) -> StudyRef | None:
         """One study by its UID (a study a change feed named), or None when the PACS does not know it."""
-        q = Dataset()
-        q.QueryRetrieveLevel = "STUDY"
-        q.StudyInstanceUID = study_instance_uid
-        q.StudyDate = ""
-        q.StudyTime = ""
-        q.AccessionNumber = ""
-        q.StudyDescription = ""
-        q.ModalitiesInStudy = ""
-        q.NumberOfStudyRelatedInstances = ""
-        found = [study_ref(ds) for ds in self._find(q)]
+        found = [study_ref(ds) for ds in self._study_query("", "", (), study_instance_uid)]
         return next((r for r in found if r.study_instance_uid == study_instance_uid), None)
 
     def find_studies_on(
