@@ -175,6 +175,21 @@ class ScriptedPeer:
         length = int.from_bytes(header[2:6], "big")
         return header + conn.recv(length, socket.MSG_WAITALL)
 
+    @staticmethod
+    def _start_instance(conn: socket.socket) -> int:
+        """Send a C-STORE-RQ command for a CT instance; its presentation context id (the data set follows)."""
+        store = C_STORE()
+        store.MessageID = 1
+        store.AffectedSOPClassUID = sc.CTImageStorage
+        store.AffectedSOPInstanceUID = "1.2.3.4"
+        store.Priority = 2
+        store.DataSet = BytesIO(b"\x00" * 8)
+        message = C_STORE_RQ()
+        message.primitive_to_message(store)
+        store_context = 3 + 2 * RETRIEVE_STORAGE_CLASSES.index(sc.CTImageStorage)
+        conn.sendall(framing.pdata(store_context, 0x03, encode(message.command_set, True, True)))
+        return store_context
+
     def _run(self) -> None:
         conn, _ = self.server.accept()
         with conn:
@@ -203,30 +218,10 @@ class ScriptedPeer:
             self._read_pdu(conn)  # the C-GET request: its command ...
             self._read_pdu(conn)  # ... and its identifier
             if self.script == "half an instance, then hang up":
-                store = C_STORE()
-                store.MessageID = 1
-                store.AffectedSOPClassUID = sc.CTImageStorage
-                store.AffectedSOPInstanceUID = "1.2.3.4"
-                store.Priority = 2
-                store.DataSet = BytesIO(b"\x00" * 8)
-                message = C_STORE_RQ()
-                message.primitive_to_message(store)
-                command = encode(message.command_set, True, True)
-                store_context = 3 + 2 * RETRIEVE_STORAGE_CLASSES.index(sc.CTImageStorage)
-                conn.sendall(framing.pdata(store_context, 0x03, command))
+                store_context = self._start_instance(conn)
                 conn.sendall(framing.pdata(store_context, 0x00, b"\x08\x00\x16\x00" + b"\x00" * 1000))
             elif self.script == "drip":  # an instance one byte at a time, each well within the read timeout
-                store = C_STORE()
-                store.MessageID = 1
-                store.AffectedSOPClassUID = sc.CTImageStorage
-                store.AffectedSOPInstanceUID = "1.2.3.4"
-                store.Priority = 2
-                store.DataSet = BytesIO(b"\x00" * 8)
-                message = C_STORE_RQ()
-                message.primitive_to_message(store)
-                command = encode(message.command_set, True, True)
-                store_context = 3 + 2 * RETRIEVE_STORAGE_CLASSES.index(sc.CTImageStorage)
-                conn.sendall(framing.pdata(store_context, 0x03, command))
+                store_context = self._start_instance(conn)
                 pdu = framing.pdata(store_context, 0x00, b"\x08\x00\x16\x00" + b"\x00" * 1000)
                 with suppress(OSError):  # bounded: at most 30 s, ended by the client's deadline
                     for i in range(len(pdu)):
