@@ -254,6 +254,11 @@ def upsert_image(*, session: Session, values: Mapping[str, Any]) -> int:
     return image.id
 
 
+def image_ids(*, session: Session, study_id: int) -> list[int]:
+    """The ids of a study's rendered images."""
+    return [i for i in session.exec(select(Image.id).where(Image.study_id == study_id)).all() if i is not None]
+
+
 def options_hash(options: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dict(options), sort_keys=True).encode()).hexdigest()[:16]
 

@@ -23,10 +23,10 @@ from db import ledger
 from db import repository as repo
 from db.models import Image, ModelVersion, Study, utcnow
 from db.session import session_scope
-from flows.runtime import Runtime
-from flows.selection import Decision, select
-from flows.settings import NightreadSettings
-from flows.telemetry import INFERENCE_BATCH, INFERENCE_SECONDS, RETRIEVAL_BYTES, RETRIEVAL_SECONDS
+from flows.rules.selection import Decision, select_images
+from flows.wiring.runtime import Runtime
+from flows.wiring.settings import NightreadSettings
+from flows.wiring.telemetry import INFERENCE_BATCH, INFERENCE_SECONDS, RETRIEVAL_BYTES, RETRIEVAL_SECONDS
 from integrations.errors import (
     ConfigurationError,
     Interrupted,
@@ -102,7 +102,7 @@ def render_study(rt: Runtime, study_id: int, retrieved: RetrievedStudy, run_id: 
                 counts["failed"] += 1
     if rt.settings.review.show_patient_identifiers and retrieved.files:
         _keep_identity(rt, study_id, retrieved)
-    decisions = select(infos, rt.rules)
+    decisions = select_images(infos, rt.rules)
     max_edge = rt.settings.render.max_long_edge
     image_ids: list[int] = []
     for decision in decisions:

@@ -1,5 +1,4 @@
 """@flow backfill: years of studies from a PACS, day by day, resumable, polite to the PACS.
-@flow reannotate: a new model or question bank over studies already rendered, without the PACS.
 
 Backfill progress is a `backfill` row (the next day to query): a stopped backfill started again with
 the same source, dates and modalities resumes at the first day it had not finished; studies already
@@ -24,15 +23,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from sqlmodel import col, select
 
 from db import repository as repo
-from db.cohort import run_cohort
-from db.models import Backfill, Image, Study, StudyStatus, utcnow
+from db.models import Backfill, Study, StudyStatus, utcnow
 from db.session import session_scope
-from flows.annotate import annotate_images, check_promoted, process_study, retry_transient
+from flows.annotate import check_promoted, process_study, retry_transient
 from flows.discovery import find_day
 from flows.nightly import register_refs
-from flows.runtime import Runtime
-from flows.settings import NightreadSettings, parse_window
-from flows.throttle import apply_limits, shared_api
+from flows.wiring.runtime import Runtime
+from flows.wiring.settings import NightreadSettings, parse_window
+from flows.wiring.throttle import apply_limits, shared_api
 from integrations.errors import ConfigurationError
 
 
@@ -221,50 +219,4 @@ def run_backfill(settings: NightreadSettings, **kwargs: Any) -> dict[str, Any]:
         )
     runner: Any = ThreadPoolTaskRunner(max_workers=settings.flow.concurrency + settings.flow.annotating_studies)
     out: dict[str, Any] = backfill.with_options(task_runner=runner)(settings=settings, **kwargs)
-    return out
-
-
-@flow(name="reannotate", log_prints=False)
-def reannotate(
-    where: str = "",
-    model: str | None = None,
-    revision: str | None = None,
-    settings: NightreadSettings | None = None,
-) -> dict[str, Any]:
-    """Annotate the rendered images of the studies matching the cohort expression `where` with the
-    configured model (or `model`/`revision`) and question bank; images come from the object store and
-    the PACS is not contacted. Images already annotated by that model and bank version are skipped."""
-    settings = settings or NightreadSettings()
-    if model is not None:
-        settings = settings.model_copy(
-            update={"inference": settings.inference.model_copy(update={"model": model, "revision": revision})}
-        )
-    counts: Counter[str] = Counter()
-    with Runtime.build(settings) as rt:
-        with session_scope(rt.engine) as session:
-            result = run_cohort(session=session, where=where, known_questions=[q.id for q in rt.bank.questions])
-            run_id = repo.start_run(
-                session=session,
-                kind="reannotate",
-                flow_run_id=None,
-                parameters={"where": where, "model": settings.inference.model},
-            )
-        model_version_id = check_promoted(rt)
-        status = "failed"
-        try:
-            for row in result.rows:
-                with session_scope(rt.engine) as session:
-                    image_ids = [
-                        i
-                        for i in session.exec(select(Image.id).where(Image.study_id == row["study_id"])).all()
-                        if i is not None
-                    ]
-                counts["studies"] += 1
-                counts["images"] += len(image_ids)
-                counts.update(annotate_images(rt, row["study_id"], image_ids, model_version_id))
-            status = "completed"
-        finally:
-            out: dict[str, Any] = {**counts, "model_version_id": model_version_id}
-            with session_scope(rt.engine) as session:
-                repo.finish_run(session=session, run_id=run_id, status=status, counts=out)
     return out

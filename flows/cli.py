@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from flows.settings import NightreadSettings
+    from flows.wiring.settings import NightreadSettings
 
 app = typer.Typer(
     help="nightread: pre-read radiology studies overnight with a vision-language model.",
@@ -89,7 +89,7 @@ def _main(ctx: typer.Context) -> None:
 def _settings(**overrides: Any) -> NightreadSettings:
     from pydantic import ValidationError
 
-    from flows.settings import NightreadSettings
+    from flows.wiring.settings import NightreadSettings
 
     try:
         return NightreadSettings(**overrides)
@@ -119,7 +119,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] 
     """Create or migrate the database schema (Alembic)."""
     from db.migrate import current_revision, upgrade
     from db.session import make_engine
-    from flows.settings import mask_url
+    from flows.wiring.settings import mask_url
 
     settings = _settings()
     upgrade(settings.database_url, revision)
@@ -177,7 +177,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="one JSON object
 def _serve_metrics(settings: NightreadSettings, engine: Any = None) -> None:
     """The /metrics endpoint of a long-running command, when NIGHTREAD_METRICS__PORT is set."""
     from db.session import make_engine
-    from flows.telemetry import serve_metrics
+    from flows.wiring.telemetry import serve_metrics
 
     if settings.metrics.port is None:
         return
@@ -275,7 +275,7 @@ def _run_with_progress(settings: NightreadSettings) -> dict[str, Any]:
 
 
 def _print_result(settings: NightreadSettings, result: dict[str, Any], title: str) -> None:
-    from flows.settings import mask_url
+    from flows.wiring.settings import mask_url
 
     console.print(_summary_table(result, title))
     if result.get("model_note"):
@@ -425,7 +425,7 @@ def _database(settings: NightreadSettings | None = None) -> Iterator[Any]:
 def sources_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON array")] = False) -> None:
     """Every source: from settings (NIGHTREAD_SOURCES / NIGHTREAD_PACS__*) and added with `sources add`."""
     from db import repository as repo
-    from flows.runtime import source_row
+    from flows.wiring.runtime import source_row
 
     settings = _settings()
     with _database(settings) as session:
@@ -476,8 +476,8 @@ def sources_add(
     from pydantic import ValidationError
 
     from db import repository as repo
-    from flows.runtime import source_row
-    from flows.settings import PacsSettings
+    from flows.wiring.runtime import source_row
+    from flows.wiring.settings import PacsSettings
 
     try:
         pacs = PacsSettings(
@@ -536,8 +536,8 @@ def listen(
     allow: Annotated[list[str] | None, typer.Option(help="allowed calling AE title (repeatable)")] = None,
 ) -> None:
     """Receive studies pushed by C-STORE from allow-listed AE titles; the next run reads them."""
-    from flows.listen import make_arrival_recorder
-    from flows.runtime import tls_config
+    from flows.wiring.arrivals import make_arrival_recorder
+    from flows.wiring.runtime import tls_config
     from integrations.errors import ConfigurationError
     from integrations.receiver import StoreReceiver
 
@@ -666,7 +666,7 @@ IDENTIFYING_TAGS = (
 @rules_app.command("check")
 def rules_check(file: Annotated[Path, typer.Argument(help="rules YAML")]) -> None:
     """Validate a selection rules file; print its rules, or the field that is wrong."""
-    from flows.selection import load_rules
+    from flows.rules.selection import load_rules
     from integrations.errors import ConfigurationError
 
     try:
@@ -695,8 +695,8 @@ def rules_explain(
 
     from db.models import Study
     from db.session import session_scope
-    from flows.runtime import Runtime
-    from flows.selection import select
+    from flows.rules.selection import select_images
+    from flows.wiring.runtime import Runtime
     from integrations.errors import NightreadError
     from integrations.imaging import read_instance_info
     from integrations.query import uid_hash
@@ -728,7 +728,7 @@ def rules_explain(
             for column in ("instance", "modality", "view", "series", "number", "image type", "decision", "why"):
                 table.add_column(column)
             decisions = sorted(
-                select(infos, rt.rules), key=lambda d: (d.info.series_number or 0, d.info.instance_number or 0)
+                select_images(infos, rt.rules), key=lambda d: (d.info.series_number or 0, d.info.instance_number or 0)
             )
             short = {d.info.sop_instance_uid: uid_hash(d.info.sop_instance_uid)[:10] for d in decisions}
             for d in decisions:
@@ -756,7 +756,7 @@ def render(
     frame: Annotated[int | None, typer.Option(help="frame of a multi-frame image (default: the flows' choice)")] = None,
 ) -> None:
     """Render one file through exactly the pipeline the flows use, and say what happened."""
-    from flows.selection import load_rules, select
+    from flows.rules.selection import load_rules, select_images
     from integrations.errors import DecodeError
     from integrations.imaging import read_instance_info
     from integrations.imaging import render as render_image
@@ -766,7 +766,7 @@ def render(
         info = read_instance_info(source)
     except DecodeError as exc:
         raise _fail(f"failed (read): {exc}") from None
-    (decision,) = select([info], load_rules(settings.rules_file))
+    (decision,) = select_images([info], load_rules(settings.rules_file))
     chosen = frame if frame is not None else decision.frames[0]
     try:
         rendered = render_image(
@@ -834,8 +834,8 @@ app.add_typer(audit_app, name="audit")
 
 def build_review_app(settings: NightreadSettings) -> Any:
     """The review app wired to the configured database, object store and question bank."""
-    from flows.questions import load_bank
-    from flows.runtime import build_store
+    from flows.rules.questions import load_bank
+    from flows.wiring.runtime import build_store
     from integrations.secrets import load_secret
     from review.app import ReviewConfig, create_app
 
@@ -1094,9 +1094,9 @@ def cohort_cmd(
 ) -> None:
     """Select studies or images by findings and metadata; print the count, or export them."""
     from db.cohort import CohortSyntaxError
-    from flows.cohort import cohort, model_version_info, write_finetune, write_table
-    from flows.questions import load_bank
-    from flows.runtime import build_store
+    from flows.cohort_export import cohort, model_version_info, write_finetune, write_table
+    from flows.rules.questions import load_bank
+    from flows.wiring.runtime import build_store
 
     if per not in ("study", "image"):
         raise _fail("--per takes study or image", 2)
@@ -1147,7 +1147,7 @@ def cohort_cmd(
     engine.dispose()
     if deid_out is not None:
         from flows.deid_export import export_deidentified
-        from flows.runtime import Runtime
+        from flows.wiring.runtime import Runtime
         from integrations.errors import NightreadError
 
         with Runtime.build(settings) as rt:
@@ -1186,7 +1186,7 @@ app.add_typer(models_app, name="models")
 
 
 def _metrics_table(title: str, metrics: dict[str, Any]) -> Table:
-    from flows.metrics import METRICS
+    from flows.rules.metrics import METRICS
 
     table = Table(title=title)
     table.add_column("scope")
@@ -1208,8 +1208,8 @@ def score(
     as_json: Annotated[bool, typer.Option("--json", help="print the metrics as JSON")] = False,
 ) -> None:
     """Metrics of a predictions file against a labeled set, without running a model."""
-    from flows.metrics import DatasetError, load_dataset, load_predictions
-    from flows.metrics import score as compute
+    from flows.rules.metrics import DatasetError, load_dataset, load_predictions
+    from flows.rules.metrics import score as compute
 
     try:
         metrics = compute(load_dataset(dataset), load_predictions(predictions))
@@ -1236,8 +1236,8 @@ def validate(
     revision: Annotated[str | None, typer.Option(help="its revision")] = None,
 ) -> None:
     """Run the configured model over a labeled set; metrics per modality and question; stored per model version."""
-    from flows.metrics import DatasetError
-    from flows.validation import validate as validate_flow
+    from flows.rules.metrics import DatasetError
+    from flows.validate import validate as validate_flow
     from integrations.errors import ConfigurationError
 
     settings = _flow_settings()
@@ -1326,7 +1326,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON a
 def models_promote(model_version: Annotated[int, typer.Argument(help="model version id (see `models list`)")]) -> None:
     """Make a model version the default; refused unless its latest validation meets NIGHTREAD_VALIDATION__*."""
     from db import reviews
-    from flows.validation import promote
+    from flows.validate import promote
 
     settings = _settings()
     engine = _engine_at_head(settings)
@@ -1380,7 +1380,7 @@ def reannotate(
 ) -> None:
     """Annotate stored images of a cohort with a new model or question bank; the PACS is not contacted."""
     from db.cohort import CohortSyntaxError
-    from flows.backfill import reannotate as reannotate_flow
+    from flows.reannotate import reannotate as reannotate_flow
     from integrations.errors import ConfigurationError
 
     settings = _flow_settings()
@@ -1439,7 +1439,7 @@ def deid_reidentify(pseudonym: Annotated[str, typer.Argument(help="a pseudonym f
     from db.models import AuditAction
     from db.session import session_scope
     from flows.deid_export import reidentify
-    from flows.runtime import Runtime
+    from flows.wiring.runtime import Runtime
 
     settings = _settings()
     _upgrade(settings)

@@ -20,7 +20,7 @@ from db import repository as repo
 from db.cohort import CohortResult
 from db.models import Image, ReidMap, Study, utcnow
 from db.session import session_scope
-from flows.runtime import Runtime
+from flows.wiring.runtime import Runtime
 from integrations.deid import METHOD, Pseudonymizer, deidentify
 from integrations.errors import ConfigurationError
 from integrations.sr import nightread_version

@@ -1,5 +1,5 @@
 """The reference pages generated from the code: docs/cli.md from the Typer app (`flows.cli:app`) and
-docs/configuration.md from the settings models (`flows.settings.NightreadSettings`).
+docs/configuration.md from the settings models (`flows.wiring.settings.NightreadSettings`).
 
     python -m flows.docs           rewrite both pages
     python -m flows.docs --check   exit 1 when either page differs from what the code generates
@@ -49,7 +49,7 @@ TITLES = {
 }
 
 # What a setting means, by model and field, for the fields that have no description yet (a description
-# in flows/settings.py wins). Each key must name a field (tests/unit/test_docs.py).
+# in flows/wiring/settings.py wins). Each key must name a field (tests/unit/test_docs.py).
 NOTES = {
     "TlsSettings.enabled": "turn DICOM TLS on",
     "DatabaseSettings.pool_size": "connection pool size (Postgres)",
@@ -262,7 +262,7 @@ class Section:
 
 def sections() -> tuple[list[Row], list[Section]]:
     """The top-level settings' rows, and one section per nested settings model, in declaration order."""
-    from flows.settings import NightreadSettings
+    from flows.wiring.settings import NightreadSettings
 
     top: list[Row] = []
     found: list[Section] = []
@@ -290,7 +290,7 @@ def configuration_rows() -> list[Row]:
 
 
 def _sources_prose() -> str:
-    from flows.settings import PacsSettings
+    from flows.wiring.settings import PacsSettings
 
     sources = env_name("sources")
     keys = ", ".join(f"`{k}`" for k in PacsSettings.model_fields)
@@ -344,7 +344,7 @@ def configuration_markdown() -> str:
             parts.append(_sources_prose())
     intro = (
         "Settings are environment variables: `NIGHTREAD_` and the setting's name, nested names joined by `__` "
-        "(`NIGHTREAD_PACS__TLS__ENABLED` is `pacs.tls.enabled` in `flows/settings.py`). Names are not "
+        "(`NIGHTREAD_PACS__TLS__ENABLED` is `pacs.tls.enabled` in `flows/wiring/settings.py`). Names are not "
         'case-sensitive. Lists and objects are JSON (`NIGHTREAD_PACS__MODALITIES=\'["CR","DX"]\'`). '
         "`nightread config` prints the settings in effect, secrets masked.\n\n"
         "A setting with a bad value stops the CLI with the variable named "
@@ -355,7 +355,7 @@ def configuration_markdown() -> str:
     )
     general = "## General\n\n" + _table(top)
     return _page(
-        GENERATED.format(source="flows/settings.py"),
+        GENERATED.format(source="flows/wiring/settings.py"),
         "# Configuration",
         "",
         intro,

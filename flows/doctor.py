@@ -11,8 +11,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flows.runtime import build_annotator, build_source, build_store
-from flows.settings import NightreadSettings, mask_url
+from flows.wiring.runtime import build_annotator, build_source, build_store
+from flows.wiring.settings import NightreadSettings, mask_url
 from integrations.errors import NightreadError
 
 MIN_FREE_BYTES = 5 << 30  # the data dir holds retrieved studies while they are worked on

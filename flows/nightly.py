@@ -19,9 +19,9 @@ from db.models import PacsSource, utcnow
 from db.session import session_scope
 from flows.annotate import check_promoted, process_study, retry_transient
 from flows.discovery import find_since
-from flows.runtime import Runtime
-from flows.settings import NightreadSettings
-from flows.throttle import apply_limits, shared_api
+from flows.wiring.runtime import Runtime
+from flows.wiring.settings import NightreadSettings
+from flows.wiring.throttle import apply_limits, shared_api
 from integrations.ports import StudyRef
 
 

@@ -16,9 +16,10 @@ from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.backfill import backfill, reannotate
+from flows.backfill import backfill
 from flows.nightly import nightly
-from flows.settings import NightreadSettings
+from flows.reannotate import reannotate
+from flows.wiring.settings import NightreadSettings
 from integrations.processes import stop_with_parent
 
 

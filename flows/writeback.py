@@ -21,7 +21,7 @@ from sqlmodel import select
 from db import repository as repo
 from db.models import ModelVersion, StructuredReport, Study, utcnow
 from db.session import session_scope
-from flows.runtime import Runtime
+from flows.wiring.runtime import Runtime
 from integrations.errors import ConfigurationError
 from integrations.ports import WritableSource
 from integrations.sr import SrAnswer, SrImage, SrProvenance, build_sr, nightread_version

@@ -401,3 +401,9 @@ def _safe_message(exc: BaseException) -> str:
 def png_to_array(png: bytes) -> npt.NDArray[Any]:
     with PILImage.open(io.BytesIO(png)) as img:
         return np.asarray(img.convert("RGB"))
+
+
+def check_ct_windows(v: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    if len(v) not in (0, 1, 3) or any(w <= 0 for _, w in v):
+        raise ValueError("ct_windows takes one [center, width] pair or three (stacked as RGB), widths positive")
+    return v

@@ -49,7 +49,7 @@ def sample_pacs() -> Iterator[object]:
 @pytest.fixture
 def make_settings(tmp_path: Path, tiny_model: Path):  # type: ignore[no-untyped-def]
     """Settings on embedded defaults under tmp_path, the tiny model, no retry delays."""
-    from flows.settings import NightreadSettings
+    from flows.wiring.settings import NightreadSettings
 
     def make(**overrides: object) -> NightreadSettings:
         base: dict[str, object] = {

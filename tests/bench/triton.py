@@ -63,7 +63,7 @@ def nightly_images_per_s(url: str, *, copies: int, concurrency: int, work: Path)
 
     from db.migrate import upgrade
     from flows.nightly import run_nightly
-    from flows.settings import NightreadSettings
+    from flows.wiring.settings import NightreadSettings
 
     studies = [
         s for seed in range(copies) for s in generate_studies(seed=100 + seed, xr_size=512, ct_size=256, ct_slices=30)

@@ -17,7 +17,7 @@ from db.migrate import upgrade
 from db.models import PacsSource, Study
 from db.session import session_scope
 from flows.nightly import discover_studies
-from flows.runtime import Runtime
+from flows.wiring.runtime import Runtime
 from integrations.sample_pacs import generate_studies
 from tests.conftest import require_or_skip
 from tests.services import DICOMWEB_PLUGIN, ORTHANC, Orthanc

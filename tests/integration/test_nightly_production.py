@@ -15,7 +15,7 @@ from db.migrate import upgrade
 from db.models import Caption, Failure, Finding, Image, PacsSource, StructuredReport, Study
 from db.session import make_engine
 from flows.nightly import run_nightly
-from flows.runtime import build_store
+from flows.wiring.runtime import build_store
 from integrations.sr import read_sr_findings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]

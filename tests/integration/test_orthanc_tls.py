@@ -133,8 +133,8 @@ def https_orthanc(tmp_path_factory: pytest.TempPathFactory, pki: Pki, studies) -
 
 
 def test_dicomweb_over_https_with_basic_auth(https_orthanc, pki, studies, tmp_path) -> None:
-    from flows.runtime import build_source
-    from flows.settings import PacsSettings
+    from flows.wiring.runtime import build_source
+    from flows.wiring.settings import PacsSettings
 
     _, url = https_orthanc
     settings = PacsSettings(

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DatabaseError
 from db import reviews
 from db.models import LoginThrottle, utcnow
 from db.session import session_scope
-from flows.cohort import cohort
+from flows.cohort_export import cohort
 from review.app import ReviewConfig, create_app
 from tests.review_seed import CRITICAL, ORDER_CRITICAL, ORDER_UNCERTAIN, PASSWORD, TEXTS, seeded_database
 

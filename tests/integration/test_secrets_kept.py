@@ -18,9 +18,10 @@ from db.migrate import upgrade
 from db.models import Run, Study
 from db.session import make_engine
 from flows.annotate import annotate_study
-from flows.backfill import reannotate, run_backfill
+from flows.backfill import run_backfill
 from flows.nightly import run_nightly
-from flows.settings import NightreadSettings
+from flows.reannotate import reannotate
+from flows.wiring.settings import NightreadSettings
 from tests.leak_scan import (
     database_texts,
     find,

@@ -14,6 +14,7 @@ from db.models import Backfill, Finding, ModelVersion, Run, Study
 from db.session import make_engine
 from flows import backfill as bf
 from flows.discovery import find_day
+from flows.reannotate import reannotate
 from integrations.ports import StudyRef
 from integrations.sample_pacs import SamplePacs, generate_studies
 
@@ -124,7 +125,7 @@ def test_backfill_finds_every_study_and_resumes_where_it_stopped(
 @pytest.mark.slow
 def test_reannotate_uses_the_object_store_not_the_pacs(prefect_harness, make_settings, sample_pacs, tmp_path):
     from flows.nightly import run_nightly
-    from flows.questions import load_bank
+    from flows.rules.questions import load_bank
 
     settings = make_settings(pacs={"port": sample_pacs.port, "called_ae": sample_pacs.ae_title})
     upgrade(settings.database_url)
@@ -137,7 +138,7 @@ def test_reannotate_uses_the_object_store_not_the_pacs(prefect_harness, make_set
     )
     settings2 = make_settings(pacs={"port": 1, "called_ae": "GONE"}, questions_file=str(bank))
     finds = sample_pacs.finds
-    result = bf.reannotate(where="modality = CT", settings=settings2)
+    result = reannotate(where="modality = CT", settings=settings2)
     assert result["studies"] == 1, result
     assert sample_pacs.finds == finds
     engine = make_engine(settings.database_url)
@@ -147,4 +148,4 @@ def test_reannotate_uses_the_object_store_not_the_pacs(prefect_harness, make_set
         assert {f.bank_version for f in new} == {load_bank(bank).version}
         assert len(s.exec(select(ModelVersion)).all()) == 1
     engine.dispose()
-    assert bf.reannotate(where="modality = CT", settings=settings2).get("findings", 0) == 0, "nothing twice"
+    assert reannotate(where="modality = CT", settings=settings2).get("findings", 0) == 0, "nothing twice"

@@ -255,7 +255,7 @@ def test_render_and_inspect_a_file_through_the_flows_pipeline(tmp_path):
 
 
 def test_rules_check(tmp_path):
-    good = run("rules", "check", str(Path(__file__).resolve().parents[2] / "flows" / "selection.yaml"))
+    good = run("rules", "check", str(Path(__file__).resolve().parents[2] / "flows" / "rules" / "selection.yaml"))
     assert good.returncode == 0
     assert "8 rules, valid" in good.stdout
     bad_file = tmp_path / "rules.yaml"
@@ -271,8 +271,8 @@ def test_rules_explain_shows_what_a_study_would_send(tmp_path, sample_pacs):
     from db import repository as repo
     from db.migrate import upgrade
     from db.session import make_engine, session_scope
-    from flows.runtime import source_row
-    from flows.settings import NightreadSettings
+    from flows.wiring.runtime import source_row
+    from flows.wiring.settings import NightreadSettings
     from integrations.pacs import DimseStudySource
 
     env = {"NIGHTREAD_DATA_DIR": str(tmp_path), "NIGHTREAD_PACS__PORT": str(sample_pacs.port), "COLUMNS": "250"}

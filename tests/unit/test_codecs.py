@@ -8,7 +8,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from flows.selection import load_rules, select
+from flows.rules.selection import load_rules, select_images
 from integrations.errors import DecodeError
 from integrations.imaging import png_to_array, read_instance_info, render
 
@@ -78,7 +78,7 @@ def test_unsupported_transfer_syntax_is_named(tmp_path):
 
 def test_non_image_objects_are_skipped_with_their_sop_class():
     info = read_instance_info(get_testdata_file("rtplan.dcm"))
-    (decision,) = select([info], load_rules())
+    (decision,) = select_images([info], load_rules())
     assert not decision.selected
     assert decision.reason == "not an image object"
     assert info.sop_class_name == "RT Plan Storage"

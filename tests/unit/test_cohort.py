@@ -12,7 +12,7 @@ from db import reviews
 from db.cohort import CohortSyntaxError, parse_where, run_cohort
 from db.models import Study
 from db.session import session_scope
-from flows.cohort import cohort, write_finetune, write_table
+from flows.cohort_export import cohort, write_finetune, write_table
 from tests.review_seed import TEXTS, seeded_database
 
 KNOWN = list(TEXTS)

@@ -19,7 +19,7 @@ from db.migrate import upgrade
 from db.session import make_engine
 from flows.deid_export import export_deidentified, reidentify
 from flows.nightly import run_nightly
-from flows.runtime import Runtime
+from flows.wiring.runtime import Runtime
 from integrations.deid import Pseudonymizer, deidentify
 from integrations.errors import ConfigurationError
 

@@ -13,7 +13,7 @@ from db.migrate import upgrade
 from db.models import PacsSource, Study
 from flows.discovery import find_day, find_since
 from flows.nightly import discover_studies
-from flows.runtime import Runtime
+from flows.wiring.runtime import Runtime
 from integrations.errors import PermanentError, ResultsCapped
 from integrations.pacs import DimseStudySource
 from integrations.sample_pacs import SamplePacs, generate_studies

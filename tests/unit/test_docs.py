@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from flows import docs
-from flows.settings import NightreadSettings
+from flows.wiring.settings import NightreadSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

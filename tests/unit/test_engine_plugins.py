@@ -56,7 +56,7 @@ def test_the_plugin_is_discovered(echo_plugin):
 
 
 def test_settings_select_the_plugin_engine(echo_plugin, make_settings, tiny_model):
-    from flows.runtime import build_annotator
+    from flows.wiring.runtime import build_annotator
 
     annotator, _ = build_annotator(make_settings(inference={"engine": "echo"}))
     buf = io.BytesIO()

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmwrite
 
-from flows.selection import load_rules, select
+from flows.rules.selection import load_rules, select_images
 from integrations.errors import DecodeError
 from integrations.imaging import read_instance_info, render
 from integrations.sample_pacs import generate_studies
@@ -31,7 +31,7 @@ def outcome(path) -> str:
         info = read_instance_info(path)
     except DecodeError:
         return "failed"
-    (decision,) = select([info], RULES)
+    (decision,) = select_images([info], RULES)
     if not decision.selected:
         return "skipped"
     try:

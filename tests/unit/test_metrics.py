@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from flows.metrics import (
+from flows.rules.metrics import (
     DatasetError,
     Example,
     Prediction,

@@ -8,7 +8,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from flows.selection import Rule
+from flows.rules.selection import Rule
 from integrations.imaging import png_to_array, render
 
 

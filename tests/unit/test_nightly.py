@@ -21,7 +21,7 @@ from db.models import (
 from db.session import make_engine
 from flows.annotate import annotate_study
 from flows.nightly import run_nightly
-from flows.questions import load_bank
+from flows.rules.questions import load_bank
 from integrations.imaging import values_of
 from integrations.sr import read_sr_findings
 from integrations.storage import LocalObjectStore

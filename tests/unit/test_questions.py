@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.questions import load_bank
+from flows.rules.questions import load_bank
 from integrations.errors import ConfigurationError
 
 

@@ -9,8 +9,8 @@ from sqlmodel import Session, select
 
 from db.migrate import upgrade
 from db.models import Image, Study
-from flows.listen import make_arrival_recorder
 from flows.nightly import run_nightly
+from flows.wiring.arrivals import make_arrival_recorder
 from integrations.errors import ConfigurationError
 from integrations.pacs import RETRIEVE_STORAGE_CLASSES
 from integrations.receiver import StoreReceiver, study_folder

@@ -7,7 +7,7 @@ from sqlmodel import select
 from db.migrate import upgrade
 from db.models import PacsSource
 from db.session import session_scope
-from flows.runtime import Runtime
+from flows.wiring.runtime import Runtime
 
 
 def test_dicomweb_credentials_reach_the_source_and_never_the_database(make_settings) -> None:
@@ -36,7 +36,7 @@ def test_credentials_in_a_dicomweb_url_are_refused_with_where_they_go() -> None:
     import pytest
     from pydantic import ValidationError
 
-    from flows.settings import PacsSettings
+    from flows.wiring.settings import PacsSettings
 
     with pytest.raises(ValidationError, match="not in the url") as info:
         PacsSettings(name="w", kind="dicomweb", url="https://qa:hunter2@pacs.example/dicom-web")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.selection import load_rules, select
+from flows.rules.selection import load_rules, select_images
 from integrations.errors import ConfigurationError
 from integrations.imaging import InstanceInfo
 
@@ -43,7 +43,7 @@ def info(
 
 def test_chest_frontal_and_lateral_selected_and_paired():
     rules = load_rules()
-    d = select(
+    d = select_images(
         [
             info(1, modality="CR", view="PA", sop_class=CR),
             info(2, modality="CR", view="LL", sop_class=CR),
@@ -66,7 +66,7 @@ def test_pairs_stay_within_a_study():
     rules = load_rules()
     frontal = info(1, modality="DX", view="PA", sop_class=CR)
     lateral = replace(info(2, modality="DX", view="LL", sop_class=CR), study_instance_uid="other")
-    assert [x.paired_with for x in select([frontal, lateral], rules)] == [None, None]
+    assert [x.paired_with for x in select_images([frontal, lateral], rules)] == [None, None]
 
 
 def test_a_pair_naming_a_role_no_rule_has_is_refused(tmp_path):
@@ -79,7 +79,7 @@ def test_a_pair_naming_a_role_no_rule_has_is_refused(tmp_path):
 def test_ct_representative_slices_evenly_spaced_by_position_not_file_order():
     rules = load_rules()
     slices = [info(i, z=float(-i)) for i in range(33)]  # positions run opposite to instance numbers
-    chosen = [x.info.instance_number for x in select(slices, rules) if x.selected]
+    chosen = [x.info.instance_number for x in select_images(slices, rules) if x.selected]
     assert len(chosen) == 3
     # by position (ascending z = descending instance number): quartiles of 33 slices
     assert sorted(chosen) == [8, 16, 24]
@@ -90,17 +90,17 @@ def test_representative_per_series():
     instances = [info(i, series="a", z=float(i)) for i in range(10)] + [
         info(i, series="b", z=float(i)) for i in range(10, 20)
     ]
-    chosen = [x for x in select(instances, rules) if x.selected]
+    chosen = [x for x in select_images(instances, rules) if x.selected]
     assert len(chosen) == 6
     assert {x.info.series_instance_uid for x in chosen} == {"a", "b"}
 
 
 def test_short_series_keeps_every_slice():
-    assert sum(x.selected for x in select([info(1, z=0.0), info(2, z=1.0)], load_rules())) == 2
+    assert sum(x.selected for x in select_images([info(1, z=0.0), info(2, z=1.0)], load_rules())) == 2
 
 
 def test_localizer_and_derived_excluded():
-    d = select(
+    d = select_images(
         [info(1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), info(2, image_type=("DERIVED", "SECONDARY"))],
         load_rules(),
     )
@@ -116,13 +116,13 @@ def test_non_image_objects_skipped_not_failed():
         study_instance_uid="9",
         modality="SR",
     )
-    (d,) = select([sr], load_rules())
+    (d,) = select_images([sr], load_rules())
     assert not d.selected
     assert d.reason == "not an image object"
 
 
 def test_unknown_modality_says_so():
-    (d,) = select([info(1, modality="XC", sop_class=CR)], load_rules())
+    (d,) = select_images([info(1, modality="XC", sop_class=CR)], load_rules())
     assert not d.selected
     assert "XC" in d.reason
 
@@ -155,7 +155,7 @@ def test_slice_thickness_and_orientation_rules(tmp_path):
     thick = replace(info(2, series="b", z=0.0), slice_thickness=5.0, orientation="AXIAL")
     coronal = replace(info(3, series="c", z=0.0), slice_thickness=1.0, orientation="CORONAL")
     unknown = info(4, series="d", z=0.0)  # no SliceThickness: does not fit a thickness range
-    assert [d.rule for d in select([thin_axial, thick, coronal, unknown], rules)] == [
+    assert [d.rule for d in select_images([thin_axial, thick, coronal, unknown], rules)] == [
         "thin-axial",
         "rest",
         "rest",

@@ -5,7 +5,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from flows.settings import NightreadSettings, mask_url
+from flows.wiring.settings import NightreadSettings, mask_url
 
 
 def test_embedded_defaults_live_under_one_data_dir(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 from db.migrate import upgrade
 from db.session import make_engine
 from flows.nightly import run_nightly
-from flows.telemetry import REGISTRY, serve_metrics
+from flows.wiring.telemetry import REGISTRY, serve_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from prefect.client.orchestration import get_client
 
 from db.migrate import upgrade
 from flows.nightly import run_nightly
-from flows.settings import PacsSettings
-from flows.throttle import apply_limits, associations_now
+from flows.wiring.settings import PacsSettings
+from flows.wiring.throttle import apply_limits, associations_now
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ from db.migrate import upgrade
 from db.models import AuditAction, AuditEvent, ModelVersion, ValidationRun
 from db.session import make_engine, session_scope
 from flows.annotate import check_promoted
-from flows.runtime import Runtime
-from flows.settings import ValidationSettings
-from flows.validation import promote, validate
+from flows.validate import promote, validate
+from flows.wiring.runtime import Runtime
+from flows.wiring.settings import ValidationSettings
 from integrations.errors import ConfigurationError
 from integrations.imaging import render
 from integrations.sample_pacs import generate_studies

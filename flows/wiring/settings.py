@@ -252,13 +252,9 @@ class RenderSettings(BaseModel):
     @field_validator("ct_windows")
     @classmethod
     def _one_or_three_windows(cls, v: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        from integrations.imaging import check_ct_windows  # numpy and pydicom: not at `nightread --help`
+
         return check_ct_windows(v)
-
-
-def check_ct_windows(v: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    if len(v) not in (0, 1, 3) or any(w <= 0 for _, w in v):
-        raise ValueError("ct_windows takes one [center, width] pair or three (stacked as RGB), widths positive")
-    return v
 
 
 class ReviewSettings(BaseModel):

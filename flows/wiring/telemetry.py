@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlmodel import col, func, select
 
-from flows.settings import NightreadSettings
+from flows.wiring.settings import NightreadSettings
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 RETRIEVAL_BYTES = Counter(

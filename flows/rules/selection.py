@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flows.yamlfile import load_yaml_model
+from flows.rules.yamlfile import load_yaml_model
 from integrations.imaging import InstanceInfo
 
 
@@ -145,7 +145,7 @@ class Decision:
 
 def load_rules(path: Path | None = None) -> RuleSet:
     """Load and validate a rules file (default: the bundled one); errors name the file and the field."""
-    rules, sha = load_yaml_model(RuleSet, path, bundled=("flows", "selection.yaml"), what="rules file")
+    rules, sha = load_yaml_model(RuleSet, path, bundled=("flows.rules", "selection.yaml"), what="rules file")
     rules.sha = sha
     return rules
 
@@ -156,7 +156,7 @@ def _evenly_spaced(n: int, count: int) -> list[int]:
     return sorted({round((i + 1) * (n - 1) / (count + 1)) for i in range(count)})
 
 
-def select(instances: Sequence[InstanceInfo], rules: RuleSet) -> list[Decision]:
+def select_images(instances: Sequence[InstanceInfo], rules: RuleSet) -> list[Decision]:
     """One decision per instance, in input order."""
     decided: dict[int, Decision] = {}
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)

@@ -17,7 +17,7 @@ import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
-from flows.settings import PacsSettings, parse_window
+from flows.wiring.settings import PacsSettings, parse_window
 
 
 def shared_api() -> bool:

@@ -7,9 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flows.settings import check_ct_windows
-from flows.yamlfile import load_yaml_model
-from integrations.imaging import window_key
+from flows.rules.yamlfile import load_yaml_model
+from integrations.imaging import check_ct_windows, window_key
 from integrations.ports import Question
 
 DEFAULT_BANK = "chest_ct_mr.yaml"
@@ -119,6 +118,8 @@ class QuestionBank(BaseModel):
 
 def load_bank(path: Path | None = None) -> QuestionBank:
     """Load and validate a question bank (default: the bundled one); its version is the file's sha256."""
-    bank, sha = load_yaml_model(QuestionBank, path, bundled=("flows.questions", DEFAULT_BANK), what="question bank")
+    bank, sha = load_yaml_model(
+        QuestionBank, path, bundled=("flows.rules.questions", DEFAULT_BANK), what="question bank"
+    )
     bank.version = sha
     return bank

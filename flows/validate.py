@@ -1,7 +1,7 @@
 """@flow validate: run the configured model over a labeled set, score it, fit a temperature, store the
 results per model version and write a report; and the promotion gate (`nightread models promote`).
 
-Labeled sets: (a) a folder in the VQA-RAD / SLAKE JSON layout (flows.metrics.load_dataset), or
+Labeled sets: (a) a folder in the VQA-RAD / SLAKE JSON layout (flows.rules.metrics.load_dataset), or
 (b) "reviews": the review decisions in the database, as labels (db.reviews.labels)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from db import reviews
 from db.models import AuditAction, Finding, Image, ModelVersion, ValidationRun, utcnow
 from db.session import session_scope
 from flows.annotate import calibrate, ensure_model_version
-from flows.metrics import (
+from flows.rules.metrics import (
     METRICS,
     Example,
     Prediction,
@@ -36,8 +36,8 @@ from flows.metrics import (
     score,
     write_predictions,
 )
-from flows.runtime import Runtime
-from flows.settings import NightreadSettings, ValidationSettings
+from flows.wiring.runtime import Runtime
+from flows.wiring.settings import NightreadSettings, ValidationSettings
 from integrations.errors import ConfigurationError
 from integrations.imaging import render
 from integrations.ports import AnnotationRequest, ImageContext, Question

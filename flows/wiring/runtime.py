@@ -18,10 +18,10 @@ from sqlalchemy import Engine
 
 from db.ledger import process_alive
 from db.session import make_engine
-from flows.questions import QuestionBank, load_bank
-from flows.selection import RuleSet, load_rules
-from flows.settings import NightreadSettings, PacsSettings, TlsSettings
-from flows.throttle import association_gate, query_gate
+from flows.rules.questions import QuestionBank, load_bank
+from flows.rules.selection import RuleSet, load_rules
+from flows.wiring.settings import NightreadSettings, PacsSettings, TlsSettings
+from flows.wiring.throttle import association_gate, query_gate
 from integrations.dimse.tls import TlsConfig
 from integrations.errors import ConfigurationError, Interrupted
 from integrations.pacs import DimseStudySource

@@ -9,8 +9,8 @@ from sqlalchemy import Engine
 from db import repository as repo
 from db.migrate import upgrade
 from db.session import make_engine, session_scope
-from flows.runtime import source_row
-from flows.settings import NightreadSettings
+from flows.wiring.runtime import source_row
+from flows.wiring.settings import NightreadSettings
 from integrations.receiver import Arrival
 
 

@@ -1,0 +1,1 @@
+"""Wiring: settings, the runtime that builds adapters from them, arrivals, PACS throttling, telemetry."""
