@@ -17,9 +17,10 @@ import shutil
 import tempfile
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom import sop_class as sc
+from pynetdicom.pdu_primitives import A_ABORT
 
 from integrations import dimse
 from integrations.dimse import abort_after, encoded_instance, framing, nightread_ae, quiet_pynetdicom, tune_association
@@ -143,9 +145,48 @@ RETRIEVE_STORAGE_CLASSES: list[UID] = [
 STORAGE_SCP_CLASSES: list[UID] = [UID(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
 
 
+class AbortWatch:
+    """How an association ended, as far as the peer told us: whether an A-ABORT PDU came from it
+    (`peer_aborted`) and how many DIMSE messages it had answered before (`answers`). An A-P-ABORT
+    (the connection lost or reset) or our own abort on a timeout leaves `peer_aborted` False."""
+
+    def __init__(self) -> None:
+        self.peer_aborted = False
+        self.answers = 0
+
+    def _acse(self, event: Any) -> None:
+        if isinstance(event.primitive, A_ABORT):
+            self.peer_aborted = True
+
+    def _dimse(self, event: Any) -> None:
+        self.answers += 1
+
+    def handlers(self) -> list[tuple[Any, Callable[[Any], None]]]:
+        return [(evt.EVT_ACSE_RECV, self._acse), (evt.EVT_DIMSE_RECV, self._dimse)]
+
+    def settle(self, assoc: Any) -> None:
+        """Once a request ended without a status: let the association's own thread take what ended it
+        off the queue (an A-ABORT fires EVT_ACSE_RECV there), briefly, so `peer_aborted` is known."""
+        with suppress(Exception):  # pynetdicom internals: a peek that fails only means "not known"
+            if assoc.acse.is_aborted("a-abort"):
+                self.peer_aborted = True
+                return
+        if assoc.is_alive():
+            assoc.join(timeout=2.0)
+
+    @property
+    def refused(self) -> bool:
+        """The peer aborted before answering anything: what a PACS such as Orthanc does to a caller it
+        does not know (permanent); an abort after answers, or a lost connection, may pass (transient)."""
+        return self.peer_aborted and self.answers == 0
+
+
 @contextmanager
 def association(ae: AE, *, host: str, port: int, called_ae: str, **kwargs: Any) -> Iterator[Any]:
-    """An established association, released (or aborted on error) when the block ends."""
+    """An established association, released (or aborted on error) when the block ends. The association
+    carries an `AbortWatch` (`watch_of(assoc)`) for telling a refusal from a lost connection."""
+    watch = AbortWatch()
+    kwargs["evt_handlers"] = [*kwargs.get("evt_handlers", []), *watch.handlers()]
     try:
         assoc = ae.associate(host, port, ae_title=called_ae, **kwargs)
     except OSError as exc:  # pragma: no cover - pynetdicom reports most failures via assoc state
@@ -162,6 +203,7 @@ def association(ae: AE, *, host: str, port: int, called_ae: str, **kwargs: Any) 
         hint = "; with TLS, check both sides' certificates" if kwargs.get("tls_args") else ""
         raise TransientError(f"cannot associate with PACS {called_ae} at {host}:{port} (no answer or aborted{hint})")
     tune_association(assoc)
+    _WATCHES[assoc] = watch
     ok = False
     try:
         yield assoc
@@ -174,8 +216,21 @@ def association(ae: AE, *, host: str, port: int, called_ae: str, **kwargs: Any) 
                 assoc.abort()
 
 
-def _status_error(operation: str, status: Dataset, called_ae: str, calling_ae: str) -> Exception:
+_WATCHES: weakref.WeakKeyDictionary[Any, AbortWatch] = weakref.WeakKeyDictionary()
+
+
+def watch_of(assoc: Any) -> AbortWatch | None:
+    return _WATCHES.get(assoc)
+
+
+def _status_error(operation: str, status: Dataset, called_ae: str, calling_ae: str, assoc: Any = None) -> Exception:
     if "Status" not in status:
+        watch = watch_of(assoc) if assoc is not None else None
+        if watch is not None:
+            watch.settle(assoc)
+        if watch is not None and not watch.refused:
+            how = "aborted it" if watch.peer_aborted else "the connection was lost or went silent"
+            return TransientError(f"{operation} with PACS {called_ae} ended without a status ({how})")
         return PeerRefused(
             f"PACS {called_ae} aborted the association during {operation} without a status; "
             f"PACS such as Orthanc do this when the calling AE title {calling_ae!r} is not declared "
@@ -346,6 +401,7 @@ class DimseStudySource:
         staging_root: Path | None = None,
         deadline_base_s: float | None = None,
         deadline_per_instance_s: float = 0.0,
+        query_deadline_s: float = 300.0,
         association_gate: Callable[[], AbstractContextManager[Any]] | None = None,
         query_gate: Callable[[], None] | None = None,
     ) -> None:
@@ -353,6 +409,8 @@ class DimseStudySource:
         C-MOVE destination stages stray instances (default: the system's temporary folder).
         `deadline_base_s` + `deadline_per_instance_s` × the instances expected: how long one study's
         retrieval may take in all, however slowly the PACS sends (None: no deadline).
+        `query_deadline_s`: how long one query (C-FIND, C-ECHO, C-STORE) may take in all: a read times
+        out after `timeout_s` of silence, but a PACS that drips, or stalls inside a PDU, is cut off here.
         `association_gate`: held around every association with the PACS (a slot of a shared limit);
         `query_gate`: called before every query (a rate limit)."""
         if retrieve not in ("get", "move"):
@@ -373,6 +431,7 @@ class DimseStudySource:
         self.called_ae, self.calling_ae = called_ae, calling_ae
         self.retrieve = retrieve
         self.timeout_s = timeout_s
+        self.query_deadline_s = query_deadline_s
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
         self.parallel = parallel
@@ -447,25 +506,44 @@ class DimseStudySource:
         with self._gate(), association(ae, host=self.host, port=self.port, called_ae=self.called_ae, **kwargs) as assoc:
             yield assoc
 
+    @contextmanager
+    def _query(self, ae: AE, operation: str) -> Iterator[Any]:
+        """An association for one query, aborted when `query_deadline_s` has passed (then TransientError)."""
+        with self._connect(ae) as assoc, abort_after(assoc, self.query_deadline_s) as passed:
+            try:
+                yield assoc
+            except (TransientError, PeerRefused):
+                if passed.is_set():
+                    raise self._too_slow(operation) from None
+                raise
+            if passed.is_set():
+                raise self._too_slow(operation)
+
+    def _too_slow(self, operation: str) -> TransientError:
+        return TransientError(
+            f"{operation} with PACS {self.called_ae} did not finish within "
+            f"{self.query_deadline_s:.0f} s (query deadline)"
+        )
+
     # --- verification and query ----------------------------------------------------------------------
     def echo(self) -> None:
         ae = self._ae()
         ae.add_requested_context(sc.Verification)
-        with self._connect(ae) as assoc:
+        with self._query(ae, "C-ECHO") as assoc:
             status = assoc.send_c_echo()
             if "Status" not in status or int(status.Status) != 0:
-                raise _status_error("C-ECHO", status, self.called_ae, self.calling_ae)
+                raise _status_error("C-ECHO", status, self.called_ae, self.calling_ae, assoc)
 
     def store_instances(self, datasets: Sequence[Dataset]) -> None:
         """C-STORE our own objects (the SR) to the PACS; a refusal names the status."""
         ae = self._ae()
         for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
             ae.add_requested_context(sop_class, [str(ds.file_meta.TransferSyntaxUID) for ds in datasets][:1])
-        with self._connect(ae) as assoc:
+        with self._query(ae, "C-STORE") as assoc:
             for ds in datasets:
                 status = assoc.send_c_store(ds)
                 if "Status" not in status or int(status.Status) not in (0x0000, 0xB000, 0xB007, 0xB006):
-                    raise _status_error("C-STORE", status, self.called_ae, self.calling_ae)
+                    raise _status_error("C-STORE", status, self.called_ae, self.calling_ae, assoc)
 
     def _find(self, identifier: Dataset) -> list[Dataset]:
         if self._query_gate is not None:
@@ -473,10 +551,10 @@ class DimseStudySource:
         ae = self._ae()
         ae.add_requested_context(sc.StudyRootQueryRetrieveInformationModelFind)
         out: list[Dataset] = []
-        with self._connect(ae) as assoc:
+        with self._query(ae, "C-FIND") as assoc:
             for status, ds in assoc.send_c_find(identifier, sc.StudyRootQueryRetrieveInformationModelFind):
                 if "Status" not in status:
-                    raise _status_error("C-FIND", status, self.called_ae, self.calling_ae)
+                    raise _status_error("C-FIND", status, self.called_ae, self.calling_ae, assoc)
                 code = int(status.Status)
                 if code in (0xFF00, 0xFF01):
                     if ds is not None:
@@ -484,7 +562,7 @@ class DimseStudySource:
                 elif code == 0xFE00:  # "cancelled", though we never cancel: the PACS's result cap
                     raise ResultsCapped(operation=f"C-FIND at PACS {self.called_ae}", partial=out)
                 elif code != 0x0000:
-                    raise _status_error("C-FIND", status, self.called_ae, self.calling_ae)
+                    raise _status_error("C-FIND", status, self.called_ae, self.calling_ae, assoc)
         return out
 
     def _studies(self, date: str, time: str, modalities: Sequence[str], since: dt.datetime | None) -> list[StudyRef]:
@@ -654,7 +732,7 @@ class DimseStudySource:
                 if passed.is_set():
                     break
                 if "Status" not in status:
-                    raise _status_error("C-GET", status, self.called_ae, self.calling_ae)
+                    raise _status_error("C-GET", status, self.called_ae, self.calling_ae, assoc)
                 if int(status.Status) not in (0xFF00, 0xFF01):
                     final = status
         if passed.is_set():
@@ -706,7 +784,7 @@ class DimseStudySource:
                     if passed.is_set():
                         break
                     if "Status" not in status:
-                        raise _status_error("C-MOVE", status, self.called_ae, self.calling_ae)
+                        raise _status_error("C-MOVE", status, self.called_ae, self.calling_ae, assoc)
                     if int(status.Status) not in (0xFF00, 0xFF01):
                         final = status
         finally:

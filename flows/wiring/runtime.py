@@ -104,6 +104,7 @@ def build_source(
         parallel=p.parallel_associations,
         dimse_receiver=p.dimse_receiver,
         timeout_s=p.timeout_s,
+        query_deadline_s=p.query_deadline_s,
         move_bind_host=p.move_bind_host,
         move_allowed_aes=p.move_allowed_aes,
         move_allowed_hosts=p.move_allowed_hosts,

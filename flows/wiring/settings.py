@@ -98,6 +98,11 @@ class PacsSettings(BaseModel):
         description="C-GET/C-MOVE: nightread's receiver (one thread per association, streams to disk) or pynetdicom's",
     )
     timeout_s: float = Field(default=30.0, gt=0, description="per read: a PACS silent this long is gone")
+    query_deadline_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="a whole query (C-FIND, C-ECHO, the SR's C-STORE) may take this long, however the PACS drips",
+    )
     retrieve_deadline_s: float | None = Field(
         default=600.0, gt=0, description="a study's whole retrieval may take this long, plus the per-instance allowance"
     )

@@ -109,8 +109,23 @@ def nightread_ae(ae_title: str) -> AE:
 
 def abort_after(assoc: Any, seconds: float | None) -> AbstractContextManager[threading.Event]:
     """Within the block, a pynetdicom association is aborted once `seconds` have passed (the event
-    says so): a deadline for a whole C-GET or C-MOVE, however slowly the PACS answers."""
-    return deadline(seconds, assoc.abort)
+    says so): a deadline for a whole query, C-GET or C-MOVE, however slowly the PACS answers.
+
+    Aborting alone is not enough against a PACS stalled inside a PDU: pynetdicom's reading thread is
+    blocked in recv (for up to the socket timeout) and `abort()` waits for it, and the thread sending
+    the request waits on its message queue for up to `dimse_timeout`. So the socket's reading side is
+    shut first (recv returns at once), then the association aborted, then the sender woken with the
+    empty item pynetdicom itself uses for "aborted or closed"."""
+
+    def abort() -> None:
+        sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+        if sock is not None:
+            with suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RD)
+        assoc.abort()
+        assoc.dimse.msg_queue.put((None, None))
+
+    return deadline(seconds, abort)
 
 
 def encoded_instance(event: Any) -> bytes | None:
