@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
 
-from sqlalchemy import Engine, event, make_url
+from sqlalchemy import Engine, event, exc, make_url
 from sqlmodel import Session, create_engine
 
 
@@ -68,3 +71,37 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+T = TypeVar("T")
+
+
+def is_disconnect(error: BaseException) -> bool:
+    """True when `error` says the database could not be reached or dropped the connection (a restart, a
+    failover, a network cut): worth waiting for, unlike a constraint or a syntax error. psycopg reports
+    a refused or broken connection as OperationalError; SQLAlchemy marks what it invalidated."""
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, (exc.OperationalError, exc.InterfaceError)) and not isinstance(error, exc.IntegrityError)
+
+
+def while_unreachable(
+    call: Callable[[], T], *, outage_s: float, stopping: threading.Event | None = None, first_wait_s: float = 0.5
+) -> T:
+    """`call()`, called again while the database is unreachable, for up to `outage_s` in all (waits doubling
+    from `first_wait_s` up to 5 s); a stop ends the waiting. `call` must be a whole transaction of its own
+    (e.g. a `session_scope` block), so calling it again writes nothing twice."""
+    deadline = time.monotonic() + outage_s
+    wait = first_wait_s
+    while True:
+        try:
+            return call()
+        except Exception as error:
+            left = deadline - time.monotonic()
+            if not is_disconnect(error) or left <= 0 or (stopping is not None and stopping.is_set()):
+                raise
+            if stopping is not None:
+                stopping.wait(min(wait, left))
+            else:
+                time.sleep(min(wait, left))
+            wait = min(wait * 2, 5.0)

@@ -22,7 +22,7 @@ from pydicom import Dataset
 from db import ledger
 from db import repository as repo
 from db.models import Image, ModelVersion, Study, utcnow
-from db.session import session_scope
+from db.session import is_disconnect, session_scope
 from flows.rules.selection import Decision, select_images
 from flows.wiring.runtime import Runtime
 from flows.wiring.settings import NightreadSettings
@@ -44,9 +44,10 @@ ANNOTATE_BATCH = 8  # images per annotator call within a study; results are comm
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """The retry policy of every task (Prefect's retry condition): retry what `is_transient` says is
-    worth it (a TransientError); a PermanentError (ProtocolError, PeerRefused, ...) fails at once."""
+    worth it (a TransientError) and a database that could not be reached (a restart); a PermanentError
+    (ProtocolError, PeerRefused, ...) fails at once."""
     exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
-    return isinstance(exc, BaseException) and is_transient(exc)
+    return isinstance(exc, BaseException) and (is_transient(exc) or is_disconnect(exc))
 
 
 def object_key(*, study_uid: str, sop_uid: str, frame: int, render_version: str) -> str:
@@ -385,8 +386,7 @@ def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, i
     try:
         with rt.fetch_gate:
             rt.check_stop()
-            with session_scope(rt.engine) as session:
-                ledger.start_attempt(session=session, study_id=study_id)
+            rt.record(lambda session: ledger.start_attempt(session=session, study_id=study_id))
             attempt_started = True
             workdir = rt.work_dir(f"study-{study_id}")
             retrieved = retrieve_study.with_options(
@@ -408,30 +408,37 @@ def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, i
         )
         rt.check_stop()
         counts.update(_report(rt, study_id, model_version_id, sources, run_id))
-        with session_scope(rt.engine) as session:
-            study = ledger.finish(session=session, study_id=study_id)
-            uid, source_id = study.study_instance_uid, study.source_id
+        study = rt.record(lambda session: ledger.finish(session=session, study_id=study_id))
+        uid, source_id = study.study_instance_uid, study.source_id
         forget = getattr(rt.source(source_id), "forget", None) if source_id is not None else None
         if forget is not None:  # pushed studies leave the inbox once their results are recorded
             forget(uid)
         counts["studies_done"] += 1
     except Exception as exc:  # recorded below, never swallowed: the study's failure row says what happened
         if isinstance(exc, Interrupted) or rt.stopping.is_set():  # a stop, not the study's fault
-            with session_scope(rt.engine) as session:
+            with session_scope(rt.engine) as session:  # a stop does not wait out a database outage
                 ledger.abandon(session=session, study_id=study_id, counted=attempt_started)
             logger.warning("study %d: stopped before it finished; it stays pending", study_id)
             counts["studies_interrupted"] += 1
             return dict(counts)
-        message = str(exc) if isinstance(exc, NightreadError) else f"unexpected {type(exc).__name__}"
-        with session_scope(rt.engine) as session:
-            status = ledger.fail(
+        if isinstance(exc, NightreadError):
+            message = str(exc)
+        elif is_disconnect(exc):  # the database went away past the tasks' retries: try the study again
+            message = f"the database could not be reached ({type(exc).__name__})"
+        else:
+            message = f"unexpected {type(exc).__name__}"
+        error: NightreadError | str = exc if isinstance(exc, NightreadError) else message
+        permanent = isinstance(exc, PermanentError)
+        status = rt.record(
+            lambda session: ledger.fail(
                 session=session,
                 study_id=study_id,
-                error=exc if isinstance(exc, NightreadError) else message,
-                permanent=isinstance(exc, PermanentError),
+                error=error,
+                permanent=permanent,
                 max_attempts=flow_settings.max_attempts,
                 run_id=run_id,
             )
+        )
         logger.error(
             "study %d %s: %s: %s",
             study_id,

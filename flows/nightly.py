@@ -6,6 +6,7 @@ import datetime as dt
 import time
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -89,6 +90,10 @@ def discover_studies(rt: Runtime, source_id: int) -> dict[str, int]:
     return result
 
 
+def _discovery_failed(session: Any, *, source_id: int, error: Exception, run_id: int) -> None:
+    repo.record_failure(session=session, stage="discover", object_ref=f"source:{source_id}", error=error, run_id=run_id)
+
+
 def discover_changes(rt: Runtime, source_id: int) -> dict[str, int]:
     """Studies the PACS's change feed (Orthanc's /changes) says became stable since the last look, found
     by UID and registered, whatever their date; the first look only notes where the feed stands."""
@@ -162,28 +167,22 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
                 except Exception as exc:  # one unreachable PACS must not stop the others: recorded here
                     errors.append(exc)
                     counts["sources_failed"] += 1
-                    with session_scope(rt.engine) as session:
-                        repo.record_failure(
-                            session=session,
-                            stage="discover",
-                            object_ref=f"source:{source_id}",
-                            error=exc,
-                            run_id=run_id,
-                        )
+                    rt.record(partial(_discovery_failed, source_id=source_id, error=exc, run_id=run_id))
                     logger.error("discovery in source %s failed: %s", rt.source_settings(source_id).name, exc)
                 else:
                     with session_scope(rt.engine) as session:
                         repo.resolve_failures(session=session, stage="discover", object_ref=f"source:{source_id}")
             if errors and len(errors) == len(source_ids):
                 raise errors[0]
-            with session_scope(rt.engine) as session:
-                pending = [
+            pending = rt.record(
+                lambda session: [
                     s.id
                     for source_id in source_ids
                     for s in ledger.pending(
                         session=session, max_attempts=settings.flow.max_attempts, source_id=source_id
                     )
                 ]
+            )
             counts["pending"] = len(pending)
             logger.info("discovered %d studies (%d new); %d to process", counts["found"], counts["new"], len(pending))
             futures = [process_study.submit(rt, study_id, run_id) for study_id in pending if study_id is not None]
@@ -205,8 +204,7 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
             result: dict[str, Any] = {**counts, "wall_s": round(time.perf_counter() - started, 2)}
             if rt.model_note:
                 result["model_note"] = rt.model_note
-            with session_scope(rt.engine) as session:
-                repo.finish_run(session=session, run_id=run_id, status=status, counts=result)
+            rt.record(lambda session: repo.finish_run(session=session, run_id=run_id, status=status, counts=result))
     result["run_id"] = run_id
     return result
 

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fault_proxy import FaultProxy
-from tests.services import REPO, Orthanc, Postgres, S3Server, free_port, wait_until
+from tests.services import REPO, Orthanc, Postgres, S3Server, free_port
 
 NIGHTREAD = str(Path(sys.executable).with_name("nightread"))
 PACS_FAULTS = {"abort": 0.1, "reset": 0.1, "stall": 0.1, "drip": 0.1}
@@ -91,26 +91,12 @@ def seed_orthanc(orthanc: Orthanc, studies: Sequence[Any]) -> set[str]:
 # --- Postgres and S3 outages -------------------------------------------------------------------------------
 
 
-def _pg_ctl(pg: Postgres, *args: str) -> None:
-    command = [str(pg.bin / "pg_ctl"), "-D", str(pg.folder / "data"), *args]
-    if os.geteuid() == 0:
-        command = ["runuser", "-u", "postgres", "--", *command]
-    subprocess.run(command, check=True, capture_output=True, timeout=120)
-
-
 def postgres_down(pg: Postgres) -> None:
-    """Stop Postgres (fast shutdown: sessions are cut, as a crash or a failover does)."""
-    _pg_ctl(pg, "-m", "fast", "-w", "stop")
+    pg.down()
 
 
 def postgres_up(pg: Postgres) -> None:
-    """Start it again on the same port and folder, with the options tests/services.py starts it with."""
-    opts = (
-        f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {pg.folder} -c fsync=off "
-        "-c synchronous_commit=off -c full_page_writes=off"
-    )
-    _pg_ctl(pg, "-l", str(pg.folder / "postgres.log"), "-o", opts, "-w", "start")
-    wait_until(pg.ready, timeout=60, what="postgres (restarted)")
+    pg.up()
 
 
 def s3_down(proxy: FaultProxy) -> None:

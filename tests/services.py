@@ -118,25 +118,24 @@ class Postgres:
             check=True,
             capture_output=True,
         )
+        self.up()
+
+    def _pg_ctl(self, *args: str) -> None:
+        command = self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), *args)
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+    def up(self) -> None:
+        """Start the server on its folder and port (again, after `down`), polled until it answers."""
         opts = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off"
         )
-        subprocess.run(
-            self._as_postgres(
-                str(self.bin / "pg_ctl"),
-                "-D",
-                str(self.folder / "data"),
-                "-l",
-                str(self.folder / "postgres.log"),
-                "-o",
-                opts,
-                "start",
-            ),
-            check=True,
-            capture_output=True,
-        )
+        self._pg_ctl("-l", str(self.folder / "postgres.log"), "-o", opts, "start")
         wait_until(self.ready, timeout=60, what="postgres", log=self.folder / "postgres.log")
+
+    def down(self) -> None:
+        """Stop it with a fast shutdown: open sessions are cut, as a crash or a failover cuts them."""
+        self._pg_ctl("-m", "fast", "-w", "stop")
 
     def ready(self) -> bool:
         import psycopg

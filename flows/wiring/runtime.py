@@ -9,15 +9,17 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
+from sqlmodel import Session
 
 from db.ledger import process_alive
-from db.session import make_engine
+from db.session import make_engine, session_scope, while_unreachable
 from flows.rules.questions import QuestionBank, load_bank
 from flows.rules.selection import RuleSet, load_rules
 from flows.wiring.settings import NightreadSettings, PacsSettings, TlsSettings
@@ -27,6 +29,8 @@ from integrations.errors import ConfigurationError, Interrupted
 from integrations.pacs import DimseStudySource
 from integrations.ports import Annotator, ObjectStore, StudySource
 from integrations.storage import LocalObjectStore, S3ObjectStore
+
+T = TypeVar("T")
 
 
 def build_store(settings: NightreadSettings) -> ObjectStore:
@@ -257,6 +261,17 @@ class Runtime:
 
     def source_settings(self, source_id: int) -> PacsSettings:
         return self._source_entry(source_id)[0]
+
+    def record(self, change: Callable[[Session], T]) -> T:
+        """`change(session)` in a transaction of its own, tried again while the database is unreachable
+        (a restart) for up to `database.outage_s`: the bookkeeping of a study (its ledger transitions,
+        its failure row) outlives a database restart instead of ending the run."""
+
+        def transaction() -> T:
+            with session_scope(self.engine) as session:
+                return change(session)
+
+        return while_unreachable(transaction, outage_s=self.settings.database.outage_s, stopping=self.stopping)
 
     def check_stop(self) -> None:
         """A checkpoint: Interrupted once a stop was asked for."""

@@ -30,6 +30,12 @@ class DatabaseSettings(BaseModel):
     pool_size: int = Field(default=5, ge=1)
     max_overflow: int = Field(default=5, ge=0)
     echo: bool = False
+    outage_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="a database that cannot be reached (a restart, a failover) is waited for this long "
+        "before a study's bookkeeping gives up; its tasks retry it as a transient error",
+    )
 
 
 class StorageSettings(BaseModel):
