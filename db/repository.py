@@ -27,6 +27,7 @@ from db.models import (
     Study,
     StudyIdentity,
     StudyStatus,
+    ValidationRun,
     utcnow,
 )
 
@@ -467,3 +468,55 @@ def save_study_identity(*, session: Session, study_id: int, values: Mapping[str,
 def record_reid(*, session: Session, rows: Sequence[Mapping[str, Any]]) -> int:
     """Store pseudonym -> encrypted original rows of a de-identified export (known ones are kept)."""
     return _insert_ignore(session, ReidMap, rows, ["kind", "pseudonym"])
+
+
+# --- the command line's queries ---------------------------------------------------------------
+
+
+def studies_by_status(*, session: Session, touched_since: dt.datetime) -> dict[str, int]:
+    """A run's progress: the studies updated since `touched_since` or still pending, counted by status."""
+    rows = session.exec(
+        select(Study.status, func.count())
+        .where((col(Study.updated_at) >= touched_since) | col(Study.status).in_(StudyStatus.PENDING))
+        .group_by(Study.status)
+    ).all()
+    return {status: int(n) for status, n in rows}
+
+
+def get_study(*, session: Session, study_id: int | None = None, study_instance_uid: str | None = None) -> Study | None:
+    """One study by its database id or its Study Instance UID (exactly one of them)."""
+    if (study_id is None) == (study_instance_uid is None):
+        raise TypeError('Give exactly one of "study_id" and "study_instance_uid".')
+    if study_id is not None:
+        return session.get(Study, study_id)
+    return session.exec(select(Study).where(Study.study_instance_uid == study_instance_uid)).first()
+
+
+def set_source_enabled(*, session: Session, name: str, enabled: bool) -> PacsSource | None:
+    """Enable or disable a source by name; None when there is no such source."""
+    source = session.exec(select(PacsSource).where(PacsSource.name == name)).first()
+    if source is not None:
+        source.enabled = enabled
+        session.add(source)
+    return source
+
+
+def model_versions_with_validation(*, session: Session) -> list[tuple[ModelVersion, ValidationRun | None]]:
+    """Every model version (by id) with its latest validation run, if any."""
+    found: list[tuple[ModelVersion, ValidationRun | None]] = []
+    for mv in session.exec(select(ModelVersion).order_by(col(ModelVersion.id))).all():
+        latest = session.exec(
+            select(ValidationRun).where(ValidationRun.model_version_id == mv.id).order_by(col(ValidationRun.id).desc())
+        ).first()
+        found.append((mv, latest))
+    return found
+
+
+# --- FHIR output ----------------------------------------------------------------------------------
+
+
+def kept_patient_id(*, session: Session, study_id: int) -> str | None:
+    """The study's Patient ID, when patient identifiers are kept (`review.show_patient_identifiers`
+    filled `study_identity`); None otherwise. For the FHIR report's subject only, when configured."""
+    identity = session.get(StudyIdentity, study_id)
+    return identity.patient_id if identity is not None and identity.patient_id else None

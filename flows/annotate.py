@@ -408,6 +408,10 @@ def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, i
         )
         rt.check_stop()
         counts.update(_report(rt, study_id, model_version_id, sources, run_id))
+        if rt.settings.fhir.enabled:  # its own failures are recorded there; fhir.resources loads only when on
+            from flows.fhir_export import export_study_fhir
+
+            counts.update(export_study_fhir(rt, study_id, model_version_id, run_id))
         study = rt.record(lambda session: ledger.finish(session=session, study_id=study_id))
         uid, source_id = study.study_instance_uid, study.source_id
         forget = getattr(rt.source(source_id), "forget", None) if source_id is not None else None

@@ -105,12 +105,16 @@ def check_model(settings: NightreadSettings) -> Check:
 
     def probe() -> str:
         annotator, note = build_annotator(settings)  # Triton: server live, model ready, provenance read
+        pool = getattr(annotator, "endpoints", None)
+        down = [e.url for e in pool.endpoints if e.suspect] if pool is not None else []
         close = getattr(annotator, "close", None)
         if close is not None:
             close()
+        if down:  # the run would go on with the others: still a problem to fix
+            raise NightreadError(f"{note}; but endpoint(s) {', '.join(down)} not ready")
         return note
 
-    return _attempt("model", probe, "start Triton (`nightread triton serve`) or fix NIGHTREAD_TRITON__URL/__MODEL")
+    return _attempt("model", probe, "start Triton (`nightread triton serve`) or fix NIGHTREAD_TRITON__URL(S)/__MODEL")
 
 
 def check_review_secret(settings: NightreadSettings) -> Check:

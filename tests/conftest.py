@@ -155,26 +155,15 @@ def s3_settings(s3_server, request) -> dict[str, object]:  # type: ignore[no-unt
 def triton_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[object]:
     """tritonserver from the nvidia-pytriton wheel on deploy/triton/model_repository, serving the tiny model."""
     try:
-        from integrations.triton_server import TritonServer, prepare_repository, pytriton_dir
+        from integrations.triton_server import pytriton_dir
 
         pytriton_dir()
         import tritonclient.grpc  # noqa: F401
     except Exception as exc:
         require_or_skip(f"tritonserver (pip install 'nightread[triton]'): {exc}")
-    from tests.services import REPO, free_port
+    from tests.services import triton_on_free_ports
 
-    work = tmp_path_factory.mktemp("triton")
-    repo = prepare_repository(
-        REPO / "deploy" / "triton" / "model_repository", work / "repository", instance_count=1, instance_kind="KIND_CPU"
-    )
-    server = TritonServer(
-        repository=repo,
-        work_dir=work,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        env={"NIGHTREAD_TRITON_MODEL": str(tiny_model)},
-    )
+    server = triton_on_free_ports(tmp_path_factory.mktemp("triton"), tiny_model)
     server.start()
     try:
         yield server

@@ -385,3 +385,21 @@ class S3Server:
 
 def moto_available() -> bool:
     return (Path(sys.executable).parent / "moto_server").exists()
+
+
+def triton_on_free_ports(work: Path, model: Path) -> Any:
+    """A tritonserver (the nvidia-pytriton wheel's) on deploy/triton/model_repository serving `model`, on free
+    ports, not started yet (start()/stop() it, or use it as a context manager)."""
+    from integrations.triton_server import TritonServer, prepare_repository
+
+    repo = prepare_repository(
+        REPO / "deploy" / "triton" / "model_repository", work / "repository", instance_count=1, instance_kind="KIND_CPU"
+    )
+    return TritonServer(
+        repository=repo,
+        work_dir=work,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        env={"NIGHTREAD_TRITON_MODEL": str(model)},
+    )

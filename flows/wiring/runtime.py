@@ -131,6 +131,7 @@ def build_annotator(settings: NightreadSettings) -> tuple[Annotator, str]:
         t = settings.triton
         triton = TritonAnnotator(
             url=t.url,
+            urls=t.urls,
             protocol=t.protocol,
             model=t.model,
             version=t.version,
@@ -141,7 +142,7 @@ def build_annotator(settings: NightreadSettings) -> tuple[Annotator, str]:
             outage_s=t.outage_s,
         )
         info = triton.check_ready()  # before the run starts: server and model ready, provenance known
-        note = f"model {info.name} ({info.revision}) on Triton at {t.url}"
+        note = f"model {info.name} ({info.revision}) on Triton at {', '.join(t.urls or [t.url])}"
         return triton, note + (": a tiny random stand-in, its answers mean nothing" if info.offline_stand_in else "")
     if inf.threads:
         import torch

@@ -228,11 +228,18 @@ class TritonSettings(BaseModel):
     """The Triton client (inference.backend=triton) and `nightread triton serve`."""
 
     url: str = Field(default="127.0.0.1:8001", description="gRPC host:port (HTTP host:port with protocol=http)")
+    urls: list[str] = Field(
+        default_factory=list,
+        description="several Triton endpoints (JSON list of host:port): requests balanced by requests in flight, "
+        "failover when one goes down; empty: `url` alone",
+    )
     protocol: Literal["grpc", "http"] = "grpc"
     model: str = "nightread_vlm"
     version: str = Field(default="", description="model version to require ('' = latest)")
     timeout_s: float = Field(default=300.0, gt=0, description="per request")
-    max_in_flight: int = Field(default=16, ge=1, le=256, description="requests in flight (lets batches form)")
+    max_in_flight: int = Field(
+        default=16, ge=1, le=256, description="requests in flight per endpoint (lets batches form)"
+    )
     retries: int = Field(default=3, ge=0, le=10)
     backoff_s: float = Field(default=0.5, ge=0)
     outage_s: float = Field(
@@ -358,6 +365,43 @@ def parse_window(text: str) -> tuple[int, int]:
     return h1 * 60 + m1, h2 * 60 + m2
 
 
+class FhirSettings(BaseModel):
+    """FHIR R4 output (docs/fhir.md): per study a transaction Bundle (a DiagnosticReport, one Observation
+    per finding, the model as a Device), kept in the object store when `enabled`, and POSTed to
+    `endpoint` when it is set."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)  # a validation error never echoes the token
+
+    enabled: bool = Field(default=False, description="build each study's FHIR Bundle and keep it in the object store")
+    endpoint: str | None = Field(
+        default=None,
+        description="base URL of the FHIR server the Bundle is POSTed to as one transaction (unset: stored only)",
+    )
+    bearer_token: SecretStr = Field(
+        default=SecretStr(""), description="sent as `Authorization: Bearer …` to the endpoint; kept secret"
+    )
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle (PEM) that verifies an https endpoint (default: the system's CAs)"
+    )
+    timeout_s: float = Field(default=30.0, gt=0, le=600, description="per request to the endpoint")
+    patient_identifier_system: str | None = Field(
+        default=None,
+        description="system URI of the PACS's Patient IDs: with review.show_patient_identifiers on, the report's "
+        "subject is the patient by this identifier (unset: no subject, no patient data in the Bundle)",
+    )
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> FhirSettings:
+        if self.endpoint is not None:
+            if not self.enabled:
+                raise ValueError("fhir: an endpoint needs enabled on (the Bundle is stored, then sent)")
+            if not re.match(r"^https?://[^/?#]+", self.endpoint):
+                raise ValueError("fhir: endpoint must be an http:// or https:// URL")
+            if "@" in self.endpoint.split("://", 1)[1].split("/", 1)[0]:
+                raise ValueError("fhir: credentials go in bearer_token (kept secret), not in the endpoint")
+        return self
+
+
 class FlowSettings(BaseModel):
     concurrency: int = Field(default=2, ge=1, le=64, description="studies retrieved and rendered at once")
     annotating_studies: int = Field(
@@ -401,6 +445,7 @@ class NightreadSettings(BaseSettings):
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     backfill: BackfillSettings = Field(default_factory=BackfillSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    fhir: FhirSettings = Field(default_factory=FhirSettings)
     questions_file: Path | None = Field(default=None, description="question bank YAML; default: the bundled one")
     rules_file: Path | None = Field(default=None, description="selection rules YAML; default: the bundled one")
 

@@ -134,3 +134,31 @@ def test_nightly_refuses_to_start_when_triton_is_down(prefect_harness, make_sett
     upgrade(settings.database_url)
     with pytest.raises(TransientError, match="unreachable"):
         run_nightly(settings)
+
+
+def test_two_endpoints_share_the_work_and_one_stopping_loses_nothing(triton_server, tiny_model, tmp_path):
+    """Two real tritonservers behind one TritonAnnotator: both serve, then one is stopped in the middle of
+    a batch of requests and every request is still answered (by the other)."""
+    from tests.services import triton_on_free_ports
+
+    second = triton_on_free_ports(tmp_path / "second", tiny_model)
+    second.start()
+    try:
+        request = AnnotationRequest(png(), ImageContext("CR", "CHEST"), (Question("q", "Is there a mass?"),), False)
+        with TritonAnnotator(urls=[triton_server.grpc_url, second.grpc_url], max_in_flight=4, backoff_s=0.1) as triton:
+            triton.check_ready()
+            assert len(triton.annotate([request] * 16)) == 16
+            served = triton.endpoints.stats()
+            assert all(n > 0 for n in served.values()), served
+            futures = [triton._pool.submit(triton._infer, request) for _ in range(48)]
+            deadline = time.monotonic() + 60
+            while sum(triton.endpoints.stats().values()) < sum(served.values()) + 8:
+                assert time.monotonic() < deadline, "no progress before the stop"
+                time.sleep(0.05)
+            second.stop()  # mid-run: requests in flight there fail over to the first
+            answered = [f.result(timeout=120) for f in futures]
+        assert len(answered) == 48
+        after = triton.endpoints.stats()
+        assert after[triton_server.grpc_url] > served[triton_server.grpc_url]
+    finally:
+        second.stop()

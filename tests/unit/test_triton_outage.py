@@ -30,6 +30,14 @@ class DownFor:
             raise ConnectionError("failed to connect to all addresses; last error: connection refused")
         return Response()
 
+    def is_server_ready(self) -> bool:  # the readiness probe an endpoint answers before it serves again
+        if time.monotonic() < self.until:
+            raise ConnectionError("failed to connect to all addresses; last error: connection refused")
+        return True
+
+    def is_model_ready(self, model: str, version: str) -> bool:
+        return True
+
 
 def request() -> AnnotationRequest:
     return AnnotationRequest(image_png=b"\x89PNG", context=ImageContext(modality="CR"))
@@ -37,7 +45,7 @@ def request() -> AnnotationRequest:
 
 def annotator(client: DownFor, *, outage_s: float) -> TritonAnnotator:
     triton = TritonAnnotator(url="127.0.0.1:1", retries=2, backoff_s=0.01, outage_s=outage_s, max_backoff_s=0.05)
-    triton._client = lambda: client  # type: ignore[method-assign]
+    triton._client = lambda url: client  # type: ignore[method-assign]
     return triton
 
 
