@@ -95,7 +95,8 @@ def test_a_postgres_restart_mid_run_loses_nothing(  # type: ignore[no-untyped-de
         first = run_nightly(settings)
     finally:
         restarter.join(timeout=180)
-    assert restarts and restarts[0] < 5, "the restart came while studies were still to do"
+    assert restarts, "the database was restarted during the run"
+    assert restarts[0] < 5, "the restart came while studies were still to do"
     assert first["pending"] == 5
     second = run_nightly(settings)  # whatever the restart left incomplete
     with Session(engine) as session:
