@@ -1,11 +1,17 @@
 """De-identified cohort export: the cohort's images re-written per PS3.15 Annex E (integrations/deid.py),
 retrieved again from their PACS, with a table using the same pseudonyms, the rendered PNGs under
-pseudonymous names, a manifest, and the encrypted map back stored in `reid_map`."""
+pseudonymous names, a manifest, and the encrypted map back stored in `reid_map`.
+
+An instance that may show identifying information in its pixels (BurnedInAnnotation YES,
+RecognizableVisualFeatures YES, overlay bits inside Pixel Data) is left out with its PNGs and table
+rows, and so is one the PACS did not return (it could not be checked); the manifest counts them and
+gives each one's pseudonymous SOP Instance UID and reason, nothing else."""
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import importlib.metadata
 import json
 import shutil
 import tempfile
@@ -21,7 +27,15 @@ from db.cohort import CohortResult
 from db.models import Image, ReidMap, Study, utcnow
 from db.session import session_scope
 from flows.wiring.runtime import Runtime
-from integrations.deid import METHOD, Pseudonymizer, deidentify
+from integrations.deid import (
+    ACTION_TABLE,
+    METHOD,
+    METHOD_CODES,
+    Pseudonymizer,
+    deidentify,
+    exclusion_reason,
+    patient_key,
+)
 from integrations.errors import ConfigurationError
 from integrations.sr import nightread_version
 
@@ -35,7 +49,8 @@ def pseudonymizer(rt: Runtime) -> Pseudonymizer:
 
 def export_deidentified(rt: Runtime, *, result: CohortResult, out_dir: Path) -> dict[str, Any]:
     """Write out_dir/dicom/<study>/<sop>.dcm, out_dir/images/<sop>-f<frame>.png, out_dir/cohort.csv and
-    out_dir/manifest.json; returns the manifest. Raises ConfigurationError if out_dir is not empty."""
+    out_dir/manifest.json; returns the manifest (counts, the excluded instances and why, the profile and
+    its options, the action table's edition). Raises ConfigurationError if out_dir is not empty."""
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigurationError(f"{out_dir} is not empty: a de-identified export goes into a new folder")
     p = pseudonymizer(rt)
@@ -53,34 +68,52 @@ def export_deidentified(rt: Runtime, *, result: CohortResult, out_dir: Path) -> 
     (out_dir / "images").mkdir(exist_ok=True)
     rows: list[dict[str, Any]] = []
     counts = {"studies": 0, "dicom_files": 0, "pngs": 0}
+    excluded: list[dict[str, str]] = []  # pseudonymous SOP Instance UID and a reason naming no value
+    burned_in_unknown = 0
     for study_id in study_ids:
         study = studies.get(study_id)
         images = images_by_study.get(study_id, [])
         if study is None or study.source_id is None or not images:
             continue
         sops = {im.sop_instance_uid for im in images}
-        patient_key, offset = "", 0
+        written: set[str] = set()
+        patient, offset = "", 0
         with tempfile.TemporaryDirectory(prefix="nightread-deid-") as tmp:
             retrieved = rt.source(study.source_id).retrieve_study(
                 study.study_instance_uid, dest=Path(tmp), expected=study.expected_instances
             )
             for path in retrieved.files:
                 ds = dcmread(path, force=True)
-                if str(ds.get("SOPInstanceUID", "")) not in sops:
+                sop = str(ds.get("SOPInstanceUID", ""))
+                if sop not in sops or sop in written:
                     continue
-                patient_key = str(ds.get("PatientID", "") or ds.get("PatientName", ""))
-                offset = p.date_offset(patient_key)
+                reason = exclusion_reason(ds)
+                if reason is not None:
+                    excluded.append({"sop_instance": p.uid(sop), "reason": reason})
+                    sops.discard(sop)
+                    continue
+                if "BurnedInAnnotation" not in ds:
+                    burned_in_unknown += 1
+                patient = patient_key(ds)
+                offset = p.date_offset(patient)
                 deidentify(ds, p)
                 folder = out_dir / "dicom" / str(ds.StudyInstanceUID)
                 folder.mkdir(exist_ok=True)
                 ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+                written.add(sop)
                 counts["dicom_files"] += 1
             shutil.rmtree(tmp, ignore_errors=True)
+        for sop in sorted(sops - written):
+            excluded.append({"sop_instance": p.uid(sop), "reason": "not returned by the PACS (could not be checked)"})
+        if not written:
+            continue
         counts["studies"] += 1
         study_pseudo = p.uid(study.study_instance_uid)
-        patient_pseudo = p.identifier("patient", patient_key) if patient_key else ""
+        patient_pseudo = p.identifier("patient", patient) if patient else ""
         shifted = _shift(study.study_date, offset)
         for im in images:
+            if im.sop_instance_uid not in written:
+                continue  # excluded or not returned: its PNG would show the same pixels
             sop_pseudo = p.uid(im.sop_instance_uid)
             png_name = f"images/{sop_pseudo}-f{im.frame}-{im.render_version}.png"
             (out_dir / png_name).write_bytes(rt.store.get(im.object_key))
@@ -114,9 +147,15 @@ def export_deidentified(rt: Runtime, *, result: CohortResult, out_dir: Path) -> 
         "unit": result.unit,
         **counts,
         "rows": len(rows),
+        "excluded": len(excluded),
+        "excluded_instances": excluded,
+        "burned_in_annotation_unknown": burned_in_unknown,
         "method": METHOD,
-        "profile": "DICOM PS3.15 Annex E Basic Application Confidentiality Profile (113100) with Retain "
-        "Longitudinal Temporal Information Modified Dates Option (113107)",
+        "profile": "DICOM PS3.15 Annex E "
+        + ", ".join(f"{meaning} ({code})" for code, meaning in METHOD_CODES)
+        + "; Retain UIDs not applied: every UID replaced",
+        "action_table": ACTION_TABLE,
+        "action_table_library": f"dicom-anonymizer {_version('dicom-anonymizer')}",
         "question_bank_versions": result.bank_versions,
         "model_version_ids": result.model_version_ids,
         "nightread_version": nightread_version(),
@@ -124,6 +163,13 @@ def export_deidentified(rt: Runtime, *, result: CohortResult, out_dir: Path) -> 
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _shift(date: str | None, days: int) -> str:

@@ -4,13 +4,20 @@
       → frame
       → modality LUT (Rescale Slope/Intercept or Modality LUT Sequence)
       → VOI (VOI LUT Sequence, or Window Center/Width with the first value and its VOI LUT
-             Function LINEAR / LINEAR_EXACT / SIGMOID, or a per-modality default)
+             Function LINEAR / LINEAR_EXACT / SIGMOID; without one: data of at most 8 bits stored
+             as stored (the full stored range), a per-modality default, else the 0.5-99.5
+             percentile range; a degenerate range (a nearly uniform frame) puts the frame's level
+             at mid-grey in a window as wide as the stored range: never a black image)
       → MONOCHROME1 inversion
       → colour (YBR/RGB as decoded, PALETTE COLOR through its LUT)
       → 8-bit RGB, long edge capped, aspect ratio kept → PNG
 
+A multi-frame object rendered without a frame number gives its middle frame (`default_frame`), the one
+the selection rules' default ("middle") picks.
+
 `RENDER_PIPELINE_VERSION` changes whenever the output of this module may change; the full
-`render_version` also names the long-edge cap, and is recorded with every image.
+`render_version` also names the long-edge cap, and is recorded with every image (r2: 8-bit data without
+a window as stored, degenerate auto-ranges never black, the middle frame by default).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from pydicom.uid import UID
 
 from integrations.errors import DecodeError
 
-RENDER_PIPELINE_VERSION = "r1"
+RENDER_PIPELINE_VERSION = "r2"
 
 # (center, width) used when an image carries no window of its own
 DEFAULT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -223,34 +230,66 @@ def _window(arr: npt.NDArray[Any], center: float, width: float, function: str) -
     return np.clip(((arr - (center - 0.5)) / (width - 1)) + 0.5, 0.0, 1.0)
 
 
-def _normalize(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    lo, hi = np.percentile(arr, (0.5, 99.5)) if arr.size else (0.0, 1.0)
-    if hi <= lo:
-        hi = lo + 1.0
-    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+def _auto_range(arr: npt.NDArray[Any], *, step: float, full_width: float, steps: list[str]) -> npt.NDArray[Any]:
+    """The 0.5-99.5 percentile range to [0, 1]. When it is degenerate (at least 99% of the pixels within
+    one `step`, a nearly uniform frame), the frame's level goes to mid-grey in a window `full_width` wide
+    (the stored range), so a flat frame is never black and its few outliers still show."""
+    lo, hi = (float(v) for v in np.percentile(arr, (0.5, 99.5))) if arr.size else (0.0, 1.0)
+    if hi - lo > step:
+        steps.append("auto-range(p0.5-p99.5)")
+        return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+    level, width = (lo + hi) / 2.0, max(full_width, step, 1e-6)
+    steps.append(f"auto-range(degenerate: level {level:g} at mid-grey, width {width:g})")
+    return np.clip((arr - level) / width + 0.5, 0.0, 1.0)
+
+
+def _stored_range(ds: Dataset) -> tuple[float, float, int]:
+    """The range of the stored pixel values (Bits Stored, Pixel Representation) through the modality
+    LUT, and Bits Stored."""
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+    bits = min(max(bits, 1), 32)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], dtype=np.float64)
+    try:
+        mapped = apply_modality_lut(ends, ds).astype(np.float64)
+    except Exception:  # a modality LUT that cannot map the ends: the stored values themselves
+        mapped = ends
+    return float(mapped.min()), float(mapped.max()), bits
 
 
 def _grey_to_unit(ds: Dataset, arr: npt.NDArray[Any], modality: str, steps: list[str]) -> npt.NDArray[Any]:
     values = apply_modality_lut(arr, ds).astype(np.float64)
+    slope = 1.0
     if "ModalityLUTSequence" in ds:
         steps.append("modality-lut-sequence")
     elif "RescaleSlope" in ds or "RescaleIntercept" in ds:
         steps.append("rescale")
+        try:
+            slope = abs(float(ds.get("RescaleSlope", 1) or 1)) or 1.0
+        except (TypeError, ValueError):
+            slope = 1.0
     if "VOILUTSequence" in ds:
         out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
         steps.append("voi-lut-sequence")
-        return _normalize(out)
+        try:
+            lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        except (AttributeError, IndexError, TypeError, ValueError):
+            lut_bits = 8
+        return _auto_range(out, step=1.0, full_width=float(2 ** min(max(lut_bits, 1), 16) - 1), steps=steps)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
         function = _str(ds, "VOILUTFunction") or "LINEAR"
         steps.append(f"window({center:g},{width:g},{function.lower()})")
         return _window(values, center, width, function)
+    lo, hi, bits = _stored_range(ds)
+    if bits <= 8:  # 8-bit data without a window is displayed as stored
+        steps.append(f"stored-range({bits} bits)")
+        return np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
     if modality in DEFAULT_WINDOWS:
         center, width = DEFAULT_WINDOWS[modality]
         steps.append(f"default-window({center:g},{width:g})")
         return _window(values, center, width, "LINEAR")
-    steps.append("auto-range(p0.5-p99.5)")
-    return _normalize(values)
+    return _auto_range(values, step=slope, full_width=hi - lo, steps=steps)
 
 
 _FUNCTIONAL_GROUPS = {
@@ -293,15 +332,25 @@ def read_dataset(path: Path) -> Dataset:
         raise DecodeError(f"file could not be parsed as DICOM ({type(exc).__name__})") from exc
 
 
+def default_frame(number_of_frames: int, chosen: Sequence[int] = ()) -> int:
+    """The frame to render when none is asked for: the middle one of `chosen` (the frames the selection
+    rules picked, `Decision.frames` of a selected instance) that exist, else the middle frame of the
+    object. Frame 0 of a multi-frame object only when it is the middle of what was chosen."""
+    frames = max(int(number_of_frames or 1), 1)
+    valid = [f for f in chosen if 0 <= f < frames]
+    return valid[len(valid) // 2] if valid else frames // 2
+
+
 def render(
     source: Path | Dataset,
     *,
-    frame: int = 0,
+    frame: int | None = None,
     max_long_edge: int = 512,
     ct_windows: Sequence[tuple[float, float]] = (),
 ) -> RenderedImage:
     """Render one frame to PNG; raises DecodeError (a PermanentError) with a PHI-free reason.
 
+    `frame`: None = the middle frame of a multi-frame object (`default_frame`), 0 for a single frame.
     `ct_windows`: for CT, one (center, width) window in HU that replaces the file's own window, or three
     rendered as the R, G and B channels (e.g. lung, mediastinum, bone); () = the file's window."""
     if len(ct_windows) not in (0, 1, 3):
@@ -322,6 +371,8 @@ def render(
     steps.append("decode")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if frame is None:
+        frame = default_frame(frames)
     if frames > 1:
         if not 0 <= frame < frames:
             raise DecodeError(f"frame {frame} out of range: the instance has {frames} frames")

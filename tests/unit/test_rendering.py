@@ -12,7 +12,14 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCapture
 
 from flows.annotate import object_key
 from integrations.errors import DecodeError
-from integrations.imaging import png_to_array, read_instance_info, render, render_version
+from integrations.imaging import (
+    RENDER_PIPELINE_VERSION,
+    default_frame,
+    png_to_array,
+    read_instance_info,
+    render,
+    render_version,
+)
 from integrations.storage import check_key
 
 
@@ -174,15 +181,15 @@ def test_ct_three_windows_become_the_rgb_channels():
 
     for columns, value in ((slice(0, 10), -1000), (slice(10, 20), 40), (slice(20, 30), 1000)):
         assert np.abs(out[:, columns].reshape(-1, 3).mean(axis=0) - expected(value)).max() <= 1.5
-    assert r.render_version == "r1-512-w-600x1500_40x400_400x1800"
+    assert r.render_version == f"{RENDER_PIPELINE_VERSION}-512-w-600x1500_40x400_400x1800"
     check_key(object_key(study_uid="1.2", sop_uid="1.2.3", frame=0, render_version=r.render_version))
-    assert render(ds).render_version == "r1-512", "one grey window is another render version"
+    assert render(ds).render_version == f"{RENDER_PIPELINE_VERSION}-512", "one grey window is another render version"
 
 
 def test_three_windows_do_not_touch_other_modalities():
     ds = _ds(_stripe(3500, 200), photometric="MONOCHROME1")
     r = render(ds, ct_windows=[(0.0, 1.0), (0.0, 1.0), (0.0, 1.0)])
-    assert r.render_version == "r1-512"
+    assert r.render_version == f"{RENDER_PIPELINE_VERSION}-512"
     out = png_to_array(r.png)
     assert (out[..., 0] == out[..., 1]).all()
 
@@ -226,7 +233,7 @@ def test_one_ct_window_replaces_the_files_own_window():
     assert out[:, :10].max() <= 1
     assert out[:, 20:].min() >= 254
     assert 140 < out[0, 15, 0] < 225
-    assert brain.render_version == "r1-512-w40x80"
+    assert brain.render_version == f"{RENDER_PIPELINE_VERSION}-512-w40x80"
     assert "ct-window(40/80)" in brain.steps
     assert (out[..., 0] == out[..., 2]).all(), "one window stays grey"
 
@@ -253,3 +260,94 @@ def test_12_bits_stored_in_16_ignores_the_unused_high_bits(signed):
     assert out[0, 0] <= 1
     assert out[0, -1] >= 254
     assert (np.diff(out[0]) >= 0).all(), "a ramp renders as a ramp: no wrap-around from the junk bits"
+
+
+# --- no window: 8-bit data as stored, degenerate ranges never black, the middle frame by default ----------
+
+
+def _ds8(frames: np.ndarray, *, photometric: str = "MONOCHROME2") -> Dataset:
+    """An 8-bit secondary capture, one frame (rows, cols) or several (frames, rows, cols), no window."""
+    ds = _ds(np.zeros(frames.shape[-2:], dtype=np.uint16), photometric=photometric, modality="OT")
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    if frames.ndim == 3:
+        ds.NumberOfFrames = frames.shape[0]
+    ds.PixelData = frames.astype(np.uint8).tobytes()
+    return ds
+
+
+def test_8_bit_data_without_a_window_renders_as_stored():
+    ramp = np.tile(np.array([0, 1, 64, 128, 200, 255], dtype=np.uint8).repeat(4), (8, 1))
+    r = render(_ds8(ramp))
+    assert "stored-range(8 bits)" in r.steps
+    assert (png_to_array(r.png)[..., 0] == ramp).all(), "each stored value is its own grey level"
+
+
+@pytest.mark.parametrize("level", [3, 100, 254])
+def test_a_nearly_uniform_8_bit_frame_keeps_its_grey(level):
+    frame = np.full((64, 64), level, dtype=np.uint8)
+    frame[0, :5] = level + 1 if level < 255 else level - 1  # a few pixels off: the percentiles collapse
+    out = png_to_array(render(_ds8(frame)).png)[..., 0]
+    assert abs(int(np.median(out)) - level) <= 1
+
+
+def test_monochrome1_8_bit_is_inverted_as_stored():
+    frame = np.full((8, 8), 200, dtype=np.uint8)
+    assert abs(int(png_to_array(render(_ds8(frame, photometric="MONOCHROME1")).png).mean()) - 55) <= 1
+
+
+@pytest.mark.parametrize("value", [0, 1000, 4095])
+def test_a_degenerate_range_is_never_black(value):
+    """12-bit data, no window, all pixels (but 0.2 %) equal: the auto-range collapses. The frame's level
+    renders mid-grey, the few brighter pixels brighter."""
+    pixels = np.full((50, 100), value, dtype=np.uint16)
+    pixels[0, :10] = min(value + 400, 4095)
+    r = render(_ds(pixels))
+    out = png_to_array(r.png)[..., 0].astype(int)
+    assert any(s.startswith("auto-range(degenerate") for s in r.steps)
+    assert 120 <= int(np.median(out)) <= 136
+    if value < 4095:
+        assert out[0, :10].min() > np.median(out), "outliers still show"
+
+
+def test_a_flat_frame_through_a_voi_lut_is_not_black():
+    ds = _ds(np.full((16, 16), 500, dtype=np.uint16))
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    item.LUTData = (np.arange(4096) // 16).astype(np.uint16).tolist()
+    ds.VOILUTSequence = [item]
+    assert 120 <= png_to_array(render(ds).png).mean() <= 136
+
+
+def test_a_real_ramp_still_uses_the_percentile_range():
+    values = np.tile(np.linspace(1000, 1100, 64).round().astype(np.uint16), (8, 1))
+    r = render(_ds(values))
+    out = png_to_array(r.png)[..., 0].astype(int)
+    assert "auto-range(p0.5-p99.5)" in r.steps
+    assert out[0, 0] <= 3
+    assert out[0, -1] >= 252
+
+
+def test_a_multi_frame_object_renders_its_middle_frame_by_default():
+    frames = np.stack([np.full((8, 8), v, dtype=np.uint8) for v in (10, 60, 110, 160, 210)])
+    ds = _ds8(frames)
+    r = render(ds)
+    assert r.frame == 2
+    assert int(png_to_array(r.png).mean()) == 110
+    assert int(png_to_array(render(ds, frame=0).png).mean()) == 10, "an explicit frame is rendered"
+
+
+@pytest.mark.parametrize(
+    ("number_of_frames", "chosen", "expected"),
+    [
+        (1, (), 0),
+        (1, (0,), 0),
+        (5, (), 2),
+        (10, (), 5),
+        (10, (5,), 5),
+        (10, (0, 3, 6, 9), 6),
+        (10, (0, 12), 0),  # frames the object does not have are ignored
+        (0, (), 0),
+    ],
+)
+def test_default_frame(number_of_frames, chosen, expected):
+    assert default_frame(number_of_frames, chosen) == expected
