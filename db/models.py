@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from enum import StrEnum, nonmember
 from typing import Any
 
 from sqlalchemy import JSON, Column, UniqueConstraint
@@ -13,7 +14,10 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class StudyStatus:
+class StudyStatus(StrEnum):
+    """A study's place in its life (`study.status`, db/ledger.py moves it). Members equal their strings,
+    so the column stays `str`."""
+
     RECEIVING = "receiving"  # pushed instances still arriving (C-STORE receiver)
     NEW = "new"
     RETRIEVING = "retrieving"  # an attempt is under way (counted); a dead process's are recovered
@@ -21,7 +25,7 @@ class StudyStatus:
     DONE = "done"
     FAILED = "failed"  # gave up after max attempts (see `failure`)
 
-    PENDING = (NEW, INCOMPLETE)
+    PENDING = nonmember((NEW, INCOMPLETE))  # taken by the next run
 
 
 class PacsSource(SQLModel, table=True):
@@ -185,13 +189,15 @@ class StructuredReport(SQLModel, table=True):
     created_at: dt.datetime = Field(default_factory=utcnow)
 
 
-class Role:
+class Role(StrEnum):
+    """What a user of the review page may do (`app_user.role`)."""
+
     VIEWER = "viewer"  # reads the queue and studies
     REVIEWER = "reviewer"  # + decides on findings
     ADMIN = "admin"  # + everything a reviewer does (user management is the CLI's)
 
-    ALL = (VIEWER, REVIEWER, ADMIN)
-    DECIDE = (REVIEWER, ADMIN)
+    ALL = nonmember((VIEWER, REVIEWER, ADMIN))
+    DECIDE = nonmember((REVIEWER, ADMIN))
 
 
 class AppUser(SQLModel, table=True):
@@ -238,7 +244,7 @@ class LoginThrottle(SQLModel, table=True):
     updated_at: dt.datetime = Field(default_factory=utcnow)
 
 
-class AuditAction:
+class AuditAction(StrEnum):
     """What the audit log records (`audit_event.action`)."""
 
     LOGIN_OK = "login_ok"
@@ -274,13 +280,15 @@ class AuditEvent(SQLModel, table=True):
     detail: str | None = Field(default=None, max_length=1000)
 
 
-class Decision:
+class Decision(StrEnum):
+    """A reviewer's decision on a finding (`review.decision`)."""
+
     CONFIRM = "confirm"  # the model's answer is right
     REJECT = "reject"  # the model's answer is wrong
     CORRECT = "correct"  # the right answer is `to_answer`
     COMMENT = "comment"  # a comment only; the finding's review state does not change
 
-    ALL = (CONFIRM, REJECT, CORRECT, COMMENT)
+    ALL = nonmember((CONFIRM, REJECT, CORRECT, COMMENT))
 
 
 class Review(SQLModel, table=True):

@@ -4,7 +4,8 @@
 Keyword-only arguments and an explicit `session`, no commits here, like `db.repository`. A finding's
 review state is its latest confirm / reject / correct decision; comments do not change it. Every change
 to a user writes an audit event naming who made it (`actor`); the audit log never holds a password or
-patient data."""
+patient data. A refusal raises one of the `ReviewError` kinds below (`NotAllowed`, `NotFound`,
+`InvalidDecision`, `InvalidUserChange`, `UserExists`), never a built-in exception."""
 
 from __future__ import annotations
 
@@ -47,8 +48,32 @@ DECISION_OF_STATE = {v: k for k, v in STATE_OF_DECISION.items()}
 SYSTEM_ACTOR = "system"  # code acting on its own (seeds, migrations of data), not a person
 
 
-class ReviewError(ValueError):
-    """A decision or user change that is not allowed; the message says why."""
+# --- errors: what a caller may refuse, by kind (the review app maps each kind to an HTTP status) ---------
+
+
+class ReviewError(Exception):
+    """A decision or user change that is refused; the message says why (user names and database ids
+    only, never patient data). Catch this to catch every refusal of this module."""
+
+
+class NotAllowed(ReviewError):
+    """The user may not do this (their role, or a disabled user)."""
+
+
+class NotFound(ReviewError):
+    """What the request names does not exist (a finding, a user)."""
+
+
+class InvalidDecision(ReviewError):
+    """A decision that cannot be recorded as given (unknown kind, a correction without its answer, ...)."""
+
+
+class InvalidUserChange(ReviewError):
+    """A user change that cannot be made as given (an unknown role, a malformed name)."""
+
+
+class UserExists(ReviewError):
+    """A user of that name exists already."""
 
 
 # --- the audit log -----------------------------------------------------------------------------------
@@ -135,15 +160,15 @@ def write_csv(*, rows: Iterable[dict[str, Any]], fields: Sequence[str], out: Tex
 
 def _check_role(role: str) -> None:
     if role not in Role.ALL:
-        raise ReviewError(f"unknown role {role!r}: use one of {', '.join(Role.ALL)}")
+        raise InvalidUserChange(f"unknown role {role!r}: use one of {', '.join(Role.ALL)}")
 
 
 def add_user(*, session: Session, name: str, role: str, password_hash: str, actor: str = SYSTEM_ACTOR) -> AppUser:
     _check_role(role)
     if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ReviewError("a user name is 1-64 letters, digits, '.', '-' or '_'")
+        raise InvalidUserChange("a user name is 1-64 letters, digits, '.', '-' or '_'")
     if session.exec(select(AppUser).where(AppUser.name == name)).first() is not None:
-        raise ReviewError(f"user {name!r} exists")
+        raise UserExists(f"user {name!r} exists")
     user = AppUser(name=name, role=role, password_hash=password_hash)
     session.add(user)
     session.flush()
@@ -162,7 +187,7 @@ def list_users(*, session: Session) -> list[AppUser]:
 def _existing_user(session: Session, name: str) -> AppUser:
     user = get_user(session=session, name=name)
     if user is None:
-        raise ReviewError(f"no user {name!r}")
+        raise NotFound(f"no user {name!r}")
     return user
 
 
@@ -596,6 +621,19 @@ def finding_states(*, session: Session, finding_ids: Sequence[int]) -> dict[int,
     return out
 
 
+def undecided_flagged(*, session: Session, study_id: int) -> int:
+    """How many flagged findings of a study have no confirm / reject / correct decision yet (comments do
+    not decide). 0 once QA has given a verdict on every flag of the study."""
+    decided = latest_decisions()
+    count = session.execute(
+        sa_select(func.count())
+        .select_from(Finding)
+        .outerjoin(decided, decided.c.finding_id == Finding.id)
+        .where(col(Finding.study_id) == study_id, col(Finding.flagged).is_(True), decided.c.decision.is_(None))
+    ).scalar_one()
+    return int(count)
+
+
 def history(*, session: Session, finding_ids: Sequence[int]) -> list[tuple[Review, str]]:
     if not finding_ids:
         return []
@@ -611,6 +649,17 @@ def history(*, session: Session, finding_ids: Sequence[int]) -> list[tuple[Revie
 # --- decisions ---------------------------------------------------------------------------------------
 
 
+def may_decide(user: AppUser) -> bool:
+    """Whether `user` may decide on findings: an enabled reviewer or admin."""
+    return not user.disabled and user.role in Role.DECIDE
+
+
+def check_may_decide(user: AppUser) -> None:
+    """Raise `NotAllowed` unless `user` may decide on findings."""
+    if not may_decide(user):
+        raise NotAllowed(f"user {user.name!r} ({user.role}) may not decide on findings")
+
+
 def decide(
     *,
     session: Session,
@@ -620,27 +669,27 @@ def decide(
     to_answer: str | None = None,
     comment: str | None = None,
 ) -> Review:
-    """Append one decision. A viewer or a disabled user cannot decide; `correct` needs the right answer."""
-    if user.disabled or user.role not in Role.DECIDE:
-        raise PermissionError(f"user {user.name!r} ({user.role}) may not decide on findings")
+    """Append one decision. A viewer or a disabled user cannot decide (`NotAllowed`); the finding must
+    exist (`NotFound`); `correct` needs the right answer (`InvalidDecision`)."""
+    check_may_decide(user)
     if decision not in Decision.ALL:
-        raise ReviewError(f"unknown decision {decision!r}: use one of {', '.join(Decision.ALL)}")
+        raise InvalidDecision(f"unknown decision {decision!r}: use one of {', '.join(Decision.ALL)}")
     finding = session.get(Finding, finding_id)
     if finding is None:
-        raise ReviewError(f"no finding {finding_id}")
+        raise NotFound(f"no finding {finding_id}")
     comment = (comment or "").strip() or None
     to_answer = (to_answer or "").strip() or None
     if decision == Decision.CORRECT:
         if to_answer is None:
-            raise ReviewError("a correction needs the corrected answer")
+            raise InvalidDecision("a correction needs the corrected answer")
         if finding.kind == "closed" and to_answer not in ("yes", "no"):
-            raise ReviewError("the corrected answer of a closed question is yes or no")
+            raise InvalidDecision("the corrected answer of a closed question is yes or no")
         if len(to_answer) > 255:
-            raise ReviewError("the corrected answer is at most 255 characters")
+            raise InvalidDecision("the corrected answer is at most 255 characters")
     elif decision == Decision.COMMENT and comment is None:
-        raise ReviewError("a comment needs text")
+        raise InvalidDecision("a comment needs text")
     if comment is not None and len(comment) > 2000:
-        raise ReviewError("a comment is at most 2000 characters")
+        raise InvalidDecision("a comment is at most 2000 characters")
     current = finding_states(session=session, finding_ids=[finding_id])[finding_id]
     from_answer = current[1] if current[0] == "corrected" and current[1] else finding.answer
     assert user.id is not None

@@ -1,0 +1,1 @@
+"""The review app's routers: `pages` (HTML) and `api` (JSON, documented by /openapi.json)."""
