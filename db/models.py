@@ -63,6 +63,9 @@ class Study(SQLModel, table=True):
     received_instances: int | None = None
     attempts: int = 0
     last_error: str | None = Field(default=None, max_length=1000)
+    # who works on the study now ("host:pid"), and until when unless renewed (db/ledger.py `claim`)
+    lease_owner: str | None = Field(default=None, max_length=128)
+    lease_until: dt.datetime | None = Field(default=None, index=True)
     created_at: dt.datetime = Field(default_factory=utcnow)
     updated_at: dt.datetime = Field(default_factory=utcnow)
 
@@ -172,7 +175,8 @@ class Failure(SQLModel, table=True):
 
 class StructuredReport(SQLModel, table=True):
     """A DICOM SR built for a study and model version (integrations/sr.py); the file is in the object
-    store. Its SOP Instance UID is derived from its content: the same findings give the same UID."""
+    store. Its SOP Instance UID is derived from its content: the same findings (and verdicts) give the
+    same UID. A report is never changed: the reviewers' verdicts make a new, verified version."""
 
     __tablename__ = "structured_report"
     id: int | None = Field(default=None, primary_key=True)
@@ -185,6 +189,10 @@ class StructuredReport(SQLModel, table=True):
     object_key: str = Field(max_length=512)
     images: int = 0
     findings: int = 0
+    # a later version carrying the reviewers' verdicts (VerificationFlag VERIFIED) and the version it
+    # replaces (its Predecessor Documents Sequence); the model's own report has neither
+    verified: bool = Field(default=False, sa_column_kwargs={"server_default": "0"})
+    predecessor_id: int | None = Field(default=None, foreign_key="structured_report.id")
     sent_at: dt.datetime | None = None  # written back to the PACS (C-STORE or STOW-RS)
     created_at: dt.datetime = Field(default_factory=utcnow)
 

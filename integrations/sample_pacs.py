@@ -29,6 +29,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
+    Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     ComputedRadiographyImageStorage,
     CTImageStorage,
@@ -589,7 +590,7 @@ class SamplePacs:
             )
         for sop_class in STORAGE_CLASSES:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        for sop_class in (ComprehensiveSRStorage, EnhancedSRStorage):  # write-back of reports
+        for sop_class in (ComprehensiveSRStorage, Comprehensive3DSRStorage, EnhancedSRStorage):  # write-back
             ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         return ae
 

@@ -134,7 +134,8 @@ def test_reannotate_uses_the_object_store_not_the_pacs(prefect_harness, make_set
     bank = tmp_path / "bank.yaml"
     bank.write_text(
         "name: extra\nquestions:\n"
-        '  - {id: ct_emphysema, text: "Is there emphysema?", kind: closed, modalities: [CT], flag_threshold: 0.9}\n'
+        '  - {id: ct_emphysema, text: "Is there emphysema?", kind: closed, modalities: [CT], flag_threshold: 0.9,\n'
+        '     code: {scheme: SCT, value: "87433001", meaning: Pulmonary emphysema}}\n'
     )
     settings2 = make_settings(pacs={"port": 1, "called_ae": "GONE"}, questions_file=str(bank))
     finds = sample_pacs.finds

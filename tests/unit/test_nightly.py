@@ -157,7 +157,7 @@ def test_reports_are_written_back_once(prefect_harness, make_settings, sample_pa
         reports = s.exec(select(StructuredReport)).all()
     assert all(r.sent_at is not None for r in reports)
     stored = {uid: sample_pacs.stored[uid] for uid in (r.sop_instance_uid for r in reports)}
-    assert {str(ds.SOPClassUID.name) for ds in stored.values()} == {"Comprehensive SR Storage"}
+    assert {str(ds.SOPClassUID.name) for ds in stored.values()} == {"Comprehensive 3D SR Storage"}
     assert all("not for clinical use" in ds.SeriesDescription for ds in stored.values())
     before = dict(sample_pacs.stored)
     annotate_study(study_id=reports[0].study_id, settings=settings)

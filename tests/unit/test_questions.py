@@ -5,6 +5,8 @@ import pytest
 from flows.rules.questions import load_bank
 from integrations.errors import ConfigurationError
 
+CODE = "code: {scheme: 99NIGHTREAD, value: T, meaning: Test}"
+
 
 def test_bundled_bank_covers_the_modalities():
     bank = load_bank()
@@ -17,7 +19,11 @@ def test_bundled_bank_covers_the_modalities():
 
 
 def test_version_is_the_sha_of_the_file(tmp_path):
-    text = 'name: t\nquestions:\n  - {id: a, text: "Is there a thing?", modalities: [CT], flag_threshold: 0.5}\n'
+    text = (
+        'name: t\nquestions:\n  - {id: a, text: "Is there a thing?", modalities: [CT], flag_threshold: 0.5, '
+        + CODE
+        + "}\n"
+    )
     f = tmp_path / "bank.yaml"
     f.write_text(text)
     v1 = load_bank(f).version
@@ -30,17 +36,38 @@ def test_version_is_the_sha_of_the_file(tmp_path):
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
-        ('questions:\n  - {id: a, text: "Is it?", modalities: [CT]}\n', "name"),
-        ('name: t\nquestions:\n  - {id: A-bad, text: "Is it?", modalities: [CT]}\n', "questions.0.id"),
-        ('name: t\nquestions:\n  - {id: a, text: "Is it?", modalities: [CT], flag_threshold: 2}\n', "flag_threshold"),
+        ('questions:\n  - {id: a, text: "Is it?", modalities: [CT], ' + CODE + "}\n", "name"),
+        ('name: t\nquestions:\n  - {id: A-bad, text: "Is it?", modalities: [CT], ' + CODE + "}\n", "questions.0.id"),
         (
-            'name: t\nquestions:\n  - {id: a, text: "What?", kind: open, modalities: [CT], flag_threshold: 0.5}\n',
+            'name: t\nquestions:\n  - {id: a, text: "Is it?", modalities: [CT], flag_threshold: 2, ' + CODE + "}\n",
+            "flag_threshold",
+        ),
+        (
+            'name: t\nquestions:\n  - {id: a, text: "What?", kind: open, modalities: [CT], flag_threshold: 0.5, '
+            + CODE
+            + "}\n",
             "closed questions only",
         ),
         (
-            'name: t\nquestions:\n  - {id: a, text: "Is it?", modalities: [CT]}\n  - {id: a, text: "Is it?", '
-            "modalities: [MR]}\n",
+            'name: t\nquestions:\n  - {id: a, text: "Is it?", modalities: [CT], '
+            + CODE
+            + '}\n  - {id: a, text: "Is it?", '
+            "modalities: [MR], " + CODE + "}\n",
             "appears twice",
+        ),
+        (
+            'name: t\nquestions:\n  - {id: no_code, text: "Is it?", modalities: [CT]}\n',
+            'question "no_code": `code` is required',
+        ),
+        (
+            'name: t\nquestions:\n  - {id: a, text: "Is it?", modalities: [CT],\n'
+            '     code: {scheme: LN, value: "1", meaning: x}}\n',
+            "questions.0.code.scheme",
+        ),
+        (
+            'name: t\nquestions:\n  - {id: a, text: "Is it?", modalities: [CT],\n'
+            "     code: {scheme: SCT, value: X1, meaning: x}}\n",
+            "not a concept id",
         ),
     ],
 )
@@ -81,7 +108,22 @@ def test_ct_questions_are_asked_on_their_own_window():
 def test_a_question_with_two_windows_is_refused(tmp_path):
     f = tmp_path / "bank.yaml"
     f.write_text(
-        "name: x\nquestions:\n  - {id: a, text: Is it?, modalities: [CT], ct_windows: [[40, 400], [0, 100]]}\n"
+        "name: x\nquestions:\n  - {id: a, text: Is it?, modalities: [CT], ct_windows: [[40, 400], [0, 100]], "
+        + CODE
+        + "}\n"
     )
     with pytest.raises(ConfigurationError, match="ct_windows"):
         load_bank(f)
+
+
+def test_every_bundled_question_is_coded():
+    bank = load_bank()
+    for q in bank.questions:
+        assert q.code.scheme in {"SCT", "RADLEX", "99NIGHTREAD"}, q.id
+        if q.kind == "open":
+            assert q.code.scheme == "99NIGHTREAD", q.id
+    by_id = {q.id: q for q in bank.questions}
+    assert by_id["pleural_effusion"].code.value == "60046008"
+    assert by_id["pneumothorax"].finding_type is not None
+    assert by_id["cardiomegaly"].finding_site is not None
+    assert by_id["cardiomegaly"].finding_site.meaning == "Heart"

@@ -1,9 +1,14 @@
-"""The question bank: YAML validated by pydantic; its sha256 is its version."""
+"""The question bank: YAML validated by pydantic; its sha256 is its version.
+
+Every question carries a coded concept (`code`) and, where they apply, the finding type and the
+finding site it is about: the DICOM SR (integrations/sr.py) and the FHIR output put these codes in
+front of PACS, viewers and EHRs. SNOMED CT where a concept exists; nightread's own documented scheme
+`99NIGHTREAD` (docs/results.md) otherwise."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -12,12 +17,40 @@ from integrations.imaging import check_ct_windows, window_key
 from integrations.ports import Question
 
 DEFAULT_BANK = "chest_ct_mr.yaml"
+CODING_SCHEMES = ("SCT", "RADLEX", "99NIGHTREAD")
+
+
+class Coding(BaseModel):
+    """A coded concept: DICOM coding scheme designator, code value, code meaning."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    scheme: str = Field(
+        description='"SCT" (SNOMED CT), "RADLEX", or "99NIGHTREAD" (nightread\'s own documented scheme)'
+    )
+    value: str = Field(min_length=1, max_length=16, pattern=r"^[A-Za-z0-9_.\-]+$")
+    meaning: str = Field(min_length=1, max_length=64)
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if v not in CODING_SCHEMES:
+            raise ValueError(f"coding scheme {v!r}: use one of {', '.join(CODING_SCHEMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _snomed_ids_are_numbers(self) -> Coding:
+        if self.scheme == "SCT" and not self.value.isdigit():
+            raise ValueError(f"SNOMED CT code {self.value!r} is not a concept id (digits only)")
+        return self
 
 
 class QuestionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
     text: str = Field(min_length=3, max_length=500)
+    code: Coding = Field(description="the question's concept (for closed questions: the finding asked about)")
+    finding_type: Coding | None = Field(default=None, description="the kind of finding, e.g. SCT pleural effusion")
+    finding_site: Coding | None = Field(default=None, description="where it is, e.g. SCT pleura / lung / heart")
     kind: Literal["closed", "open"] = "closed"
     modalities: list[str] = Field(min_length=1)
     body_parts: list[str] | None = None
@@ -32,6 +65,16 @@ class QuestionSpec(BaseModel):
         description="CT only: the window(s) to ask this question on (one pair, or three stacked as RGB); "
         "None = the render setting",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _code_is_required(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("code") is None:
+            raise ValueError(
+                f'question "{data.get("id", "?")}": `code` is required '
+                "(a coded concept: {scheme: SCT|RADLEX|99NIGHTREAD, value: ..., meaning: ...})"
+            )
+        return data
 
     @field_validator("ct_windows")
     @classmethod
