@@ -7,21 +7,25 @@
                           └──────── abandon ──────┘ a stop (SIGTERM, Ctrl-C, cancellation): the attempt
                                                     is not counted, the study stays pending
 
-An attempt is counted when a study's retrieval really starts (`start_attempt`), never when a run merely
-plans it, so crashes before a study was reached cost it nothing. A study that reached `max_attempts`
-always ends `failed` with a reason (`give_up_exhausted`), and what a dead process left behind (runs
-still `running`, studies still `retrieving`) is recovered by the next run (`recover`). Every function
-takes an explicit session and commits nothing itself: the caller's `session_scope` does.
+An attempt is counted when a study's retrieval really starts (`claim`, or `start_attempt`), never when a
+run merely plans it, so crashes before a study was reached cost it nothing. `claim` also gives the study
+a lease: one worker at a time works on it ("host:pid" in `lease_owner`), renewing the lease while it
+does (`renew`); a study whose lease ran out (its worker died, on any machine) can be claimed again.
+A study that reached `max_attempts` always ends `failed` with a reason (`give_up_exhausted`), and what
+a dead process left behind (runs still `running`, studies still `retrieving`) is recovered by the next
+run (`recover`). Every function takes an explicit session and commits nothing itself: the caller's `session_scope` does.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import and_, or_, update
 from sqlmodel import Session, col, select
 
 from db import repository as repo
@@ -50,6 +54,62 @@ def pending(*, session: Session, max_attempts: int, source_id: int | None = None
     return repo.pending_studies(session=session, max_attempts=max_attempts, source_id=source_id)
 
 
+def lease_owner() -> str:
+    """This process as a lease owner: "host:pid"."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _lease_dead(owner: str | None, alive: Callable[[int], bool]) -> bool:
+    """A lease held by a process of this host that is gone (known at once, without waiting for expiry)."""
+    host, _, pid = (owner or "").rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not alive(int(pid))
+
+
+def claim(
+    *, session: Session, study_id: int, owner: str, lease_s: float, max_attempts: int, now: dt.datetime | None = None
+) -> Study | None:
+    """Take the study for one attempt, atomically: only when it is pending with an attempt left, or was
+    being worked on under a lease that ran out. The attempt is counted and the lease runs `lease_s`.
+    None: another worker has it, or it needs nothing (done, failed, no attempt left)."""
+    now = now or utcnow()
+    takeable = or_(
+        col(Study.status).in_(StudyStatus.PENDING),
+        and_(col(Study.status) == StudyStatus.RETRIEVING, col(Study.lease_until) < now),
+    )
+    stmt = (
+        update(Study)
+        .where(col(Study.id) == study_id, col(Study.attempts) < max_attempts, takeable)
+        .values(
+            status=StudyStatus.RETRIEVING,
+            attempts=col(Study.attempts) + 1,
+            lease_owner=owner,
+            lease_until=now + dt.timedelta(seconds=lease_s),
+            updated_at=now,
+        )
+    )
+    if session.exec(stmt).rowcount != 1:  # type: ignore[call-overload]
+        return None
+    study = _study(session, study_id)
+    session.refresh(study)
+    return study
+
+
+def renew(*, session: Session, study_id: int, owner: str, lease_s: float) -> bool:
+    """Extend our lease on a study we work on; False when it is no longer ours (it ran out and another
+    worker took the study, or it ended)."""
+    now = utcnow()
+    stmt = (
+        update(Study)
+        .where(
+            col(Study.id) == study_id,
+            col(Study.lease_owner) == owner,
+            col(Study.status) == StudyStatus.RETRIEVING,
+        )
+        .values(lease_until=now + dt.timedelta(seconds=lease_s))
+    )
+    return bool(session.exec(stmt).rowcount == 1)  # type: ignore[call-overload]
+
+
 def start_attempt(*, session: Session, study_id: int) -> Study:
     """Retrieval starts: this is an attempt, and it is counted."""
     study = _study(session, study_id)
@@ -60,7 +120,9 @@ def start_attempt(*, session: Session, study_id: int) -> Study:
 
 def finish(*, session: Session, study_id: int) -> Study:
     """Its results are recorded: done."""
-    study = repo.update_study(session=session, study_id=study_id, status=StudyStatus.DONE, last_error=None)
+    study = repo.update_study(
+        session=session, study_id=study_id, status=StudyStatus.DONE, last_error=None, lease_owner=None, lease_until=None
+    )
     repo.resolve_failures(session=session, stage="study", object_ref=f"study:{study_id}")
     return study
 
@@ -80,7 +142,14 @@ def fail(
     gave_up = permanent or study.attempts >= max_attempts
     status = StudyStatus.FAILED if gave_up else StudyStatus.INCOMPLETE
     message = str(error) if isinstance(error, BaseException) else error
-    repo.update_study(session=session, study_id=study_id, status=status, last_error=message[:1000])
+    repo.update_study(
+        session=session,
+        study_id=study_id,
+        status=status,
+        last_error=message[:1000],
+        lease_owner=None,
+        lease_until=None,
+    )
     repo.record_failure(
         session=session, stage="study", object_ref=f"study:{study_id}", error=error, study_id=study_id, run_id=run_id
     )
@@ -94,12 +163,21 @@ def abandon(*, session: Session, study_id: int, counted: bool) -> None:
         return
     attempts = max(0, study.attempts - 1) if counted else study.attempts
     status = StudyStatus.INCOMPLETE if attempts else StudyStatus.NEW
-    repo.update_study(session=session, study_id=study_id, status=status, attempts=attempts)
+    repo.update_study(
+        session=session, study_id=study_id, status=status, attempts=attempts, lease_owner=None, lease_until=None
+    )
 
 
 def reset(*, session: Session, study_id: int) -> None:
     """Run a study again from scratch (`annotate-study`): pending, no attempt counted."""
-    repo.update_study(session=session, study_id=study_id, status=StudyStatus.INCOMPLETE, attempts=0)
+    repo.update_study(
+        session=session,
+        study_id=study_id,
+        status=StudyStatus.INCOMPLETE,
+        attempts=0,
+        lease_owner=None,
+        lease_until=None,
+    )
 
 
 def give_up_exhausted(*, session: Session, max_attempts: int, run_id: int | None) -> int:
@@ -130,10 +208,22 @@ class Recovered:
     studies: int  # studies left `retrieving` by one, now pending again
 
 
+def _orphaned(study: Study, *, now: dt.datetime, alive: Callable[[int], bool], any_live_run: bool) -> bool:
+    """A study left `retrieving` that nobody works on: its lease ran out, or its owner was a process of
+    this host that is gone; without a lease (an attempt started by `start_attempt`), when no run lives."""
+    if study.lease_owner is not None:
+        until = study.lease_until
+        if until is not None and until.tzinfo is None:
+            until = until.replace(tzinfo=dt.UTC)
+        return (until is not None and until < now) or _lease_dead(study.lease_owner, alive)
+    return not any_live_run
+
+
 def recover(*, session: Session, alive: Callable[[int], bool] = process_alive) -> Recovered:
-    """What a dead process on this host left behind: its runs end `interrupted`; studies left
-    `retrieving` when no live run remains go back to pending (their attempt stays counted: it was real).
-    Runs of other hosts are left alone (their own next start recovers them)."""
+    """What a dead process left behind: runs of this host's dead processes end `interrupted`; studies left
+    `retrieving` whose lease ran out or whose owner on this host is gone (or, without a lease, when no
+    live run remains) go back to pending (their attempt stays counted: it was real). Runs of other hosts
+    are left alone (their own next start recovers them); their studies come back when their leases run out."""
     here = socket.gethostname()
     runs = 0
     for run in session.exec(select(Run).where(Run.status == "running")):
@@ -144,9 +234,12 @@ def recover(*, session: Session, alive: Callable[[int], bool] = process_alive) -
             runs += 1
     session.flush()
     studies = 0
-    if session.exec(select(Run).where(Run.status == "running")).first() is None:
-        for study in session.exec(select(Study).where(Study.status == StudyStatus.RETRIEVING)):
-            study.status, study.updated_at = StudyStatus.INCOMPLETE, utcnow()
+    any_live_run = session.exec(select(Run).where(Run.status == "running")).first() is not None
+    now = utcnow()
+    for study in session.exec(select(Study).where(Study.status == StudyStatus.RETRIEVING)).all():
+        if _orphaned(study, now=now, alive=alive, any_live_run=any_live_run):
+            study.status, study.updated_at = StudyStatus.INCOMPLETE, now
+            study.lease_owner, study.lease_until = None, None
             session.add(study)
             studies += 1
     return Recovered(runs=runs, studies=studies)
@@ -169,8 +262,10 @@ def stranded(*, session: Session, max_attempts: int, alive: Callable[[int], bool
             select(Study.id).where(col(Study.status).in_(StudyStatus.PENDING), Study.attempts >= max_attempts)
         ).all()
     )
-    orphaned = (
-        0 if live_runs else len(session.exec(select(Study.id).where(Study.status == StudyStatus.RETRIEVING)).all())
+    now = utcnow()
+    orphaned = sum(
+        _orphaned(study, now=now, alive=alive, any_live_run=live_runs > 0)
+        for study in session.exec(select(Study).where(Study.status == StudyStatus.RETRIEVING)).all()
     )
     return {
         "studies_without_attempts_left": exhausted,

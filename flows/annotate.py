@@ -8,8 +8,10 @@ anything twice. Logs name database ids and hashes, never UIDs or patient data.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
 from pydicom import Dataset
 
 from db import ledger
@@ -38,6 +41,8 @@ from integrations.errors import (
 from integrations.imaging import InstanceInfo, read_dataset, read_instance_info, render, window_key
 from integrations.ports import AnnotationRequest, ImageContext, Question, RetrievedStudy
 from integrations.query import uid_hash
+
+log = logging.getLogger(__name__)
 
 ANNOTATE_BATCH = 8  # images per annotator call within a study; results are committed per call
 
@@ -383,11 +388,26 @@ def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, i
     flow_settings = rt.settings.flow
     workdir: Path | None = None
     attempt_started = False
+    lease: LeaseKeeper | None = None
+    owner = ledger.lease_owner()
     try:
         with rt.fetch_gate:
             rt.check_stop()
-            rt.record(lambda session: ledger.start_attempt(session=session, study_id=study_id))
+            claimed = rt.record(
+                lambda session: ledger.claim(
+                    session=session,
+                    study_id=study_id,
+                    owner=owner,
+                    lease_s=flow_settings.lease_s,
+                    max_attempts=flow_settings.max_attempts,
+                )
+            )
+            if claimed is None:  # another worker has it (or it needs nothing): not ours to touch
+                logger.info("study %d: taken by another worker, or nothing left to do", study_id)
+                counts["studies_skipped"] += 1
+                return dict(counts)
             attempt_started = True
+            lease = LeaseKeeper(rt, study_id, owner).start()
             workdir = rt.work_dir(f"study-{study_id}")
             retrieved = retrieve_study.with_options(
                 retries=flow_settings.retries, retry_delay_seconds=flow_settings.retry_delay_s
@@ -453,8 +473,86 @@ def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, i
         )
         counts["studies_failed"] += 1
     finally:
+        if lease is not None:
+            lease.stop()
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+    return dict(counts)
+
+
+class LeaseKeeper:
+    """Renews our lease on a study every third of `flow.lease_s` while we work on it, so a worker that
+    dies loses the study within one lease and a live one never does."""
+
+    def __init__(self, rt: Runtime, study_id: int, owner: str) -> None:
+        self.rt, self.study_id, self.owner = rt, study_id, owner
+        self.lost = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{study_id}", daemon=True)
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        lease_s = self.rt.settings.flow.lease_s
+        while not self._done.wait(lease_s / 3):
+            try:
+                ours = self.rt.record(
+                    lambda session: ledger.renew(
+                        session=session, study_id=self.study_id, owner=self.owner, lease_s=lease_s
+                    )
+                )
+            except Exception as exc:  # the database is away past its outage: the lease may run out
+                log.warning("study %d: lease not renewed (%s)", self.study_id, type(exc).__name__)
+                continue
+            if not ours and not self._done.is_set():
+                self.lost = True
+                log.warning("study %d: its lease ran out and another worker took it", self.study_id)
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+
+@flow(name="annotate-studies", log_prints=False)
+def annotate_studies(
+    study_ids: list[int], run_id: int | None = None, settings: NightreadSettings | None = None
+) -> dict[str, int]:
+    """A worker's share of a nightly or backfill (flows/dispatch.py): each study claimed under a lease and
+    processed end to end; a study another worker has, or that needs nothing, is skipped. Settings come
+    from the worker's environment; `flow.concurrency` studies at once."""
+    settings = settings or NightreadSettings()
+    flow_run = getattr(get_run_context(), "flow_run", None)
+    counts: Counter[str] = Counter()
+    with Runtime.build(settings) as rt:
+        rt.register_sources()
+        # this share as a run row of its own: who took it (host, pid, data dir) and what came of it
+        share = rt.record(
+            lambda session: repo.start_run(
+                session=session,
+                kind="annotate-studies",
+                flow_run_id=str(flow_run.id) if flow_run is not None else None,
+                parameters={
+                    "studies": list(study_ids),
+                    "dispatched_by_run": run_id,
+                    "owner": ledger.owner(),
+                    "data_dir": str(settings.data_dir),
+                },
+            )
+        )
+        status = "failed"
+        try:
+            futures = [process_study.submit(rt, study_id, run_id) for study_id in study_ids]  # fetch_gate bounds them
+            for future in futures:
+                counts.update(future.result())
+            status = "completed_with_failures" if counts["studies_failed"] else "completed"
+        except BaseException:
+            status = ledger.INTERRUPTED
+            raise
+        finally:
+            rt.record(lambda session: repo.finish_run(session=session, run_id=share, status=status, counts=counts))
     return dict(counts)
 
 

@@ -16,7 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from db import ledger
 from db import repository as repo
-from db.models import PacsSource, utcnow
+from db.models import PacsSource, Study, utcnow
 from db.session import session_scope
 from flows.annotate import check_promoted, process_study, retry_transient
 from flows.discovery import find_since
@@ -185,14 +185,18 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
             )
             counts["pending"] = len(pending)
             logger.info("discovered %d studies (%d new); %d to process", counts["found"], counts["new"], len(pending))
-            futures = [process_study.submit(rt, study_id, run_id) for study_id in pending if study_id is not None]
-            try:
-                for future in futures:
-                    counts.update(future.result())
-            except BaseException:  # SIGTERM, Ctrl-C or a cancellation: stop cleanly, fail nothing
-                status = ledger.INTERRUPTED
-                stop_studies(rt, futures, counts)
-                raise
+            if settings.flow.dispatch == "work_pool":  # studies as runs of annotate-studies on the work pool
+                counts.update(dispatch_by_queue(rt, [i for i in pending if i is not None], run_id=run_id))
+                rt.check_stop()  # a stop ended the waiting: the run is interrupted (submitted runs go on)
+            else:
+                futures = [process_study.submit(rt, study_id, run_id) for study_id in pending if study_id is not None]
+                try:
+                    for future in futures:
+                        counts.update(future.result())
+                except BaseException:  # SIGTERM, Ctrl-C or a cancellation: stop cleanly, fail nothing
+                    status = ledger.INTERRUPTED
+                    stop_studies(rt, futures, counts)
+                    raise
             failed = counts["studies_failed"] or counts["failed"] or counts["sources_failed"]
             status = "completed_with_failures" if failed else "completed"
         except BaseException as exc:  # a stop before the studies started (or while discovering) is one too
@@ -207,6 +211,27 @@ def nightly(settings: NightreadSettings | None = None) -> dict[str, Any]:
             rt.record(lambda session: repo.finish_run(session=session, run_id=run_id, status=status, counts=result))
     result["run_id"] = run_id
     return result
+
+
+def dispatch_by_queue(rt: Runtime, study_ids: list[int], *, run_id: int) -> Counter[str]:
+    """Pushed studies (listen's arrivals) to the `urgent` queue, the rest to `nightly`."""
+    from flows.dispatch import dispatch_studies
+
+    def kinds(session: Any) -> dict[int, str]:
+        return {
+            s.id: rt.source_settings(s.source_id).kind if s.source_id is not None else "dimse"
+            for s in (session.get(Study, i) for i in study_ids)
+            if s is not None and s.id is not None
+        }
+
+    kind = rt.record(kinds)
+    urgent = [i for i in study_ids if kind.get(i) == "push"]
+    nightly_ = [i for i in study_ids if kind.get(i) != "push"]
+    counts: Counter[str] = Counter()
+    for queue, ids in (("urgent", urgent), ("nightly", nightly_)):
+        if ids:
+            counts.update(dispatch_studies(rt, ids, run_id=run_id, work_queue=queue))
+    return counts
 
 
 def stop_studies(rt: Runtime, futures: Sequence[Any], counts: Counter[str]) -> None:

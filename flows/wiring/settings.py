@@ -413,6 +413,23 @@ class FlowSettings(BaseModel):
     retries: int = Field(default=2, ge=0, le=10)
     retry_delay_s: float = Field(default=2.0, ge=0)
     max_attempts: int = Field(default=3, ge=1, description="runs a failing study is tried in before it is failed")
+    lease_s: float = Field(
+        default=120.0,
+        ge=5,
+        description="a study is worked on by one worker at a time under a lease renewed every third of this; "
+        "a dead worker's study is taken again once its lease runs out",
+    )
+    dispatch: Literal["threads", "work_pool"] = Field(
+        default="threads",
+        description="threads: studies run in this process; work_pool: as runs of the annotate-studies deployment "
+        "on a Prefect work pool (any number of workers; needs PREFECT_API_URL and `nightread deploy`)",
+    )
+    studies_per_run: int = Field(
+        default=4, ge=1, le=256, description="work_pool: studies per annotate-studies flow run"
+    )
+    runs_in_flight: int = Field(
+        default=8, ge=1, le=1024, description="work_pool: annotate-studies flow runs submitted and not yet finished"
+    )
 
 
 class NightreadSettings(BaseSettings):

@@ -1,0 +1,200 @@
+"""Studies spread over Prefect workers, for real: a Prefect server (`prefect server start`, its database on
+the test Postgres), the `nightread` process work pool with its queues, and two workers with data dirs of
+their own run a nightly over 20 studies from Orthanc on Postgres + S3 (`flow.dispatch = work_pool`). One
+worker is killed (with the flow run it was working on) while it holds a study: that study goes to the
+other worker once its lease runs out, every study is annotated exactly once, and both workers did work."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from tests.chaos import NIGHTREAD, Setup, chaos_studies, s3_store, seed_orthanc, tally
+from tests.conftest import require_or_skip
+from tests.services import DICOMWEB_PLUGIN, ORTHANC, Orthanc, S3Server, free_port, stop_process, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
+STUDIES = 20
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+LEASE_S = 8
+
+
+@pytest.fixture
+def scale_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, set[str]]]:
+    if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
+        require_or_skip("Orthanc with the DICOMweb plugin (apt-get install orthanc orthanc-dicomweb)")
+    folder = tmp_path_factory.mktemp("orthanc-scale")
+    server = Orthanc.on_free_ports(folder)
+    server.start()
+    try:
+        yield server, seed_orthanc(server, chaos_studies(STUDIES, first_seed=401))
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _healthy(api: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+        return bool(r.status == 200)
+
+
+@pytest.fixture
+def prefect_server(postgres: Any, tmp_path: Path) -> Iterator[str]:
+    """`prefect server start` on loopback with its database on the test Postgres; its API URL."""
+    url = postgres.create_database("prefect_scale").replace("+psycopg", "+asyncpg")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-server"),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    log = (tmp_path / "prefect-server.log").open("wb")
+    proc = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_until(lambda: _healthy(api), timeout=180, what="the Prefect server", log=tmp_path / "prefect-server.log")
+        yield api
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+def _start_worker(name: str, env: dict[str, str], folder: Path) -> subprocess.Popen[bytes]:
+    folder.mkdir(parents=True, exist_ok=True)
+    log = (folder / "worker.log").open("wb")
+    return subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "nightread", "--type", "process", "--name", name],
+        env={**env, "NIGHTREAD_DATA_DIR": str(folder / "data"), "TMPDIR": str(folder / "tmp")},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_two_workers_share_a_night_and_a_killed_workers_study_goes_to_the_other(
+    tmp_path: Path,
+    postgres_url: str,
+    s3_server: S3Server,
+    s3_settings: dict[str, object],
+    tiny_model: Path,
+    scale_orthanc: tuple[Orthanc, set[str]],
+    prefect_server: str,
+) -> None:
+    orthanc, uids = scale_orthanc
+    setup = Setup(
+        name="scale",
+        work=tmp_path / "nightly",
+        database_url=postgres_url,
+        s3_endpoint=s3_server.endpoint,
+        bucket=str(s3_settings["bucket"]),
+        pacs_port=orthanc.dicom_port,
+        orthanc=orthanc,
+        inference={"NIGHTREAD_INFERENCE__MODEL": str(tiny_model)},
+        max_attempts=3,
+        timeout_s=10.0,
+    )
+    env = {
+        **setup.env(),
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "2",
+        "NIGHTREAD_FLOW__DISPATCH": "work_pool",
+        "NIGHTREAD_FLOW__LEASE_S": str(LEASE_S),
+        "NIGHTREAD_FLOW__STUDIES_PER_RUN": "2",
+        "NIGHTREAD_FLOW__RUNS_IN_FLIGHT": "4",
+        "NIGHTREAD_PACS__RETRIEVE_DEADLINE_S": "120",
+    }
+    subprocess.run([NIGHTREAD, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=300)
+    deployed = subprocess.run(
+        [sys.executable, "-c", "from flows.deployments import deploy; print(deploy())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert deployed.returncode == 0, deployed.stderr[-2000:]
+    workers = {name: _start_worker(name, env, tmp_path / name) for name in ("w1", "w2")}
+    engine = setup.engine()
+    victim: dict[str, Any] = {}
+    try:
+        nightly = subprocess.Popen(
+            [NIGHTREAD, "run"], env=env, stdout=(tmp_path / "nightly.log").open("wb"), stderr=subprocess.STDOUT
+        )
+
+        def w1_holds_a_study_after_finishing_a_share() -> bool:
+            with engine.connect() as conn:
+                w1_done = conn.execute(
+                    text(
+                        "SELECT count(*) FROM run WHERE kind = 'annotate-studies' AND status = 'completed' "
+                        "AND CAST(parameters AS TEXT) LIKE :w1"
+                    ),
+                    {"w1": f"%{tmp_path / 'w1'}%"},
+                ).scalar_one()
+                held = conn.execute(
+                    text("SELECT id, lease_owner FROM study WHERE status = 'retrieving' AND lease_owner IS NOT NULL")
+                ).all()
+            for study_id, owner in held:
+                pid = int(str(owner).rsplit(":", 1)[1])
+                if w1_done and _parent_of(pid) == workers["w1"].pid:
+                    victim.update(study=int(study_id), pid=pid)
+                    return True
+            return False
+
+        wait_until(w1_holds_a_study_after_finishing_a_share, timeout=400, what="worker 1 holding a study")
+        os.kill(victim["pid"], signal.SIGKILL)  # the flow run at work, and its worker: a machine gone
+        os.killpg(workers["w1"].pid, signal.SIGKILL)
+        workers["w1"].wait(timeout=30)
+        assert nightly.wait(timeout=600) == 0, (tmp_path / "nightly.log").read_text()[-3000:]
+    finally:
+        for proc in workers.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+    with engine.connect() as conn:
+        shares = conn.execute(text("SELECT parameters, status, counts FROM run WHERE kind = 'annotate-studies'")).all()
+        victim_row = conn.execute(
+            text("SELECT status, attempts FROM study WHERE id = :id"), {"id": victim["study"]}
+        ).one()
+    engine.dispose()
+    done_by = {"w1": 0, "w2": 0}
+    for parameters, status, counts in shares:
+        who = "w1" if f"{tmp_path / 'w1'}" in str(parameters) else "w2"
+        if status == "completed" and counts:
+            done_by[who] += int((counts if isinstance(counts, dict) else {}).get("studies_done", 0))
+    assert done_by["w1"] > 0, f"worker 1 finished studies before it was killed: {done_by}"
+    assert done_by["w2"] > 0, f"worker 2 did work: {done_by}"
+    assert victim_row[0] == "done", "the killed worker's study was finished by the other one"
+    assert victim_row[1] >= 2, "its killed attempt counted, and a second one finished it"
+    result = tally(setup, expected_uids=uids, store=s3_store(setup, s3_server.endpoint))
+    assert result.lost == 0, result
+    assert result.duplicates == 0, result.duplicated
+    assert result.by_status == {"done": STUDIES}, result.by_status
