@@ -132,3 +132,74 @@ def test_a_dead_processs_runs_and_studies_are_recovered_and_a_live_ones_are_not(
     assert study(engine, second).status == StudyStatus.NEW
     assert ledger.process_alive(os.getpid())
     assert not ledger.process_alive(dead_pid)
+
+
+# --- leases: one worker at a time ---------------------------------------------------------------------
+
+
+def test_a_study_is_claimed_once_and_its_lease_is_renewed_by_its_owner_only(engine) -> None:
+    first, _, _ = ids(engine)
+    with session_scope(engine) as session:
+        taken = ledger.claim(session=session, study_id=first, owner="a:1", lease_s=60, max_attempts=3)
+        assert taken is not None
+        assert (taken.status, taken.attempts, taken.lease_owner) == (StudyStatus.RETRIEVING, 1, "a:1")
+    with session_scope(engine) as session:
+        assert ledger.claim(session=session, study_id=first, owner="b:2", lease_s=60, max_attempts=3) is None
+        assert ledger.renew(session=session, study_id=first, owner="a:1", lease_s=60)
+        assert not ledger.renew(session=session, study_id=first, owner="b:2", lease_s=60)
+    with session_scope(engine) as session:
+        ledger.finish(session=session, study_id=first)
+    done = study(engine, first)
+    assert (done.status, done.lease_owner, done.lease_until) == (StudyStatus.DONE, None, None)
+    with session_scope(engine) as session:
+        assert ledger.claim(session=session, study_id=first, owner="b:2", lease_s=60, max_attempts=3) is None, "done"
+        assert not ledger.renew(session=session, study_id=first, owner="a:1", lease_s=60), "ended"
+
+
+def test_a_lease_that_ran_out_is_taken_again_and_its_attempt_counted(engine) -> None:
+    import datetime as dt
+
+    from db.models import utcnow
+
+    first, _, _ = ids(engine)
+    past = utcnow() - dt.timedelta(minutes=10)
+    with session_scope(engine) as session:
+        assert ledger.claim(session=session, study_id=first, owner="gone:1", lease_s=60, max_attempts=3, now=past)
+    with session_scope(engine) as session:
+        taken = ledger.claim(session=session, study_id=first, owner="b:2", lease_s=60, max_attempts=3)
+        assert taken is not None
+        assert (taken.lease_owner, taken.attempts) == ("b:2", 2)
+    with session_scope(engine) as session:  # no attempt left: not taken, whatever its lease
+        assert ledger.claim(session=session, study_id=first, owner="c:3", lease_s=60, max_attempts=2, now=past) is None
+
+
+def test_recover_frees_studies_of_expired_leases_and_of_dead_local_owners_not_live_ones(engine) -> None:
+    import datetime as dt
+    import socket
+
+    from db.models import utcnow
+
+    expired, dead_owner, live = ids(engine)
+    here = socket.gethostname()
+    with session_scope(engine) as session:
+        ledger.claim(
+            session=session,
+            study_id=expired,
+            owner="elsewhere:7",
+            lease_s=60,
+            max_attempts=3,
+            now=utcnow() - dt.timedelta(minutes=5),
+        )
+        ledger.claim(session=session, study_id=dead_owner, owner=f"{here}:999999", lease_s=600, max_attempts=3)
+        ledger.claim(session=session, study_id=live, owner=f"{here}:{os.getpid()}", lease_s=600, max_attempts=3)
+    with session_scope(engine) as session:
+        left = ledger.stranded(session=session, max_attempts=3, alive=lambda pid: pid == os.getpid())
+        assert left["studies_retrieving_without_a_run"] == 2
+        recovered = ledger.recover(session=session, alive=lambda pid: pid == os.getpid())
+    assert recovered.studies == 2
+    assert study(engine, expired).status == study(engine, dead_owner).status == StudyStatus.INCOMPLETE
+    assert study(engine, expired).lease_owner is None
+    assert (study(engine, live).status, study(engine, live).lease_owner) == (
+        StudyStatus.RETRIEVING,
+        f"{here}:{os.getpid()}",
+    )
