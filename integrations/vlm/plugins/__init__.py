@@ -38,12 +38,19 @@ def _medvint(out: Path, seed: int = 0) -> Path:
     return build_tiny_medvint(out, seed=seed)
 
 
+def _cnn_captioner(out: Path, seed: int = 0) -> Path:
+    from integrations.vlm.plugins.cnn_captioner import build_tiny_cnn_captioner
+
+    return build_tiny_cnn_captioner(out, seed=seed)
+
+
 # plugin (entry-point) name -> build_tiny_<name>(out, seed=0) -> the checkpoint folder
 PLUGIN_BUILDERS: dict[str, Callable[..., Path]] = {
     "tinyllava": _tinyllava,
     "biomedclip_llama": _biomedclip_llama,
     "med_moe": _med_moe,
     "medvint": _medvint,
+    "cnn_captioner": _cnn_captioner,
 }
 
 # what each tiny build stands in for (the published checkpoint; see docs/model.md "Seed models (plugins)")
@@ -52,6 +59,7 @@ STANDS_IN_FOR = {
     "biomedclip_llama": "BiomedCLIP ViT-B/16 + Meta-Llama-3-8B-Instruct with LoRA (arXiv 2504.05575)",
     "med_moe": "JsST/TinyMed Stage3 (Med-MoE / MoE-TinyMed, Phi-2 4 experts)",
     "medvint": "MedVInT-TD (PMC-VQA: PMC-CLIP RN50 + PMC-LLaMA/LLaMA-7B, LoRA)",
+    "cnn_captioner": "CNN-Transformer captioner of the seed study (DenseNet-121 + transformer decoder)",
 }
 
 
