@@ -198,3 +198,64 @@ def test_two_workers_share_a_night_and_a_killed_workers_study_goes_to_the_other(
     assert result.lost == 0, result
     assert result.duplicates == 0, result.duplicated
     assert result.by_status == {"done": STUDIES}, result.by_status
+
+
+def test_a_worker_takes_urgent_work_before_the_nightly_and_the_nightly_before_backfill(
+    tmp_path: Path, prefect_server: str
+) -> None:
+    """Runs waiting in the backfill, nightly and urgent queues of the pool (as flows/deployments.py makes
+    them): one worker taking one run at a time starts them urgent first, backfill last."""
+    from prefect import Flow
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deployments import ensure_pool
+
+    # the test process's Prefect settings were read when prefect was imported: point them at this server
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        with get_client(sync_client=True) as client:
+            ensure_pool(client, "nightread")
+        source = Path(__file__).resolve().parent / "prefect_probe"
+        probe: Any = Flow.from_source(source=str(source), entrypoint="probe.py:probe")
+        probe.deploy(
+            name="probe",
+            work_pool_name="nightread",
+            build=False,
+            push=False,
+            print_next_steps=False,
+            ignore_warnings=True,
+        )
+        runs = {
+            label: run_deployment(
+                "probe/probe", parameters={"label": label}, timeout=0, work_queue_name=queue, as_subflow=False
+            ).id
+            for label, queue in (("b1", "backfill"), ("n1", "nightly"), ("u1", "urgent"), ("b2", "backfill"))
+        }
+        worker = subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", "nightread", "--type", "process", "--limit", "1"],
+            env={
+                **os.environ,
+                "PREFECT_API_URL": prefect_server,
+                "PREFECT_HOME": str(tmp_path / "prefect"),
+                "PREFECT_WORKER_QUERY_SECONDS": "1",
+            },
+            stdout=(tmp_path / "worker.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            with get_client(sync_client=True) as client:
+
+                def all_done() -> bool:
+                    return all(client.read_flow_run(i).state_type.value == "COMPLETED" for i in runs.values())
+
+                wait_until(all_done, timeout=300, what="the four probe runs", log=tmp_path / "worker.log")
+                started = {label: client.read_flow_run(i).start_time for label, i in runs.items()}
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=30)
+    order = sorted(started, key=lambda label: started[label])
+    assert order[0] == "u1", order
+    assert order[1] == "n1", order
+    assert set(order[2:]) == {"b1", "b2"}, order
