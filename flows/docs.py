@@ -1,4 +1,5 @@
-"""The reference pages generated from the code: docs/cli.md from the Typer app (`flows.cli:app`) and
+"""The reference pages generated from the code: docs/cli.md from the Typer app (`flows.cli:app`, the package
+flows/cli/) and
 docs/configuration.md from the settings models (`flows.wiring.settings.NightreadSettings`).
 
     python -m flows.docs           rewrite both pages
@@ -112,14 +113,23 @@ def cli_markdown() -> str:
 
     from flows.cli import app
 
-    command = typer.main.get_command(app)
+    command = _without_hidden(typer.main.get_command(app))
     body = get_docs_for_click(obj=command, ctx=typer.Context(command), name="nightread", title="Command line")
     heading, _, rest = body.partition("\n")
     intro = (
         "Every `nightread` command with its arguments and options, as `nightread COMMAND --help` shows them.\n"
         "Settings (environment variables) are in [configuration.md](configuration.md)."
     )
-    return _page(GENERATED.format(source="flows/cli.py"), heading, "", intro, rest)
+    return _page(GENERATED.format(source="flows/cli/"), heading, "", intro, rest)
+
+
+def _without_hidden(command: Any) -> Any:
+    """`command` with its hidden sub-commands (deprecated aliases) left out, as `--help` leaves them out:
+    Typer's generator lists every command. The click objects are built for this page alone."""
+    commands = getattr(command, "commands", None)  # a group's
+    if isinstance(commands, dict):
+        command.commands = {name: _without_hidden(sub) for name, sub in commands.items() if not sub.hidden}
+    return command
 
 
 # --- the settings ---------------------------------------------------------------------------------

@@ -199,8 +199,10 @@ class RunOutcome:
 
 
 def start_run(setup: Setup) -> tuple[subprocess.Popen[bytes], Path]:
-    setup.runs += 1
     setup.work.mkdir(parents=True, exist_ok=True)
+    if setup.runs == 0:  # `nightread run` refuses a database whose schema is not at the latest migration
+        subprocess.run([NIGHTREAD, "db", "upgrade"], env=setup.env(), capture_output=True, timeout=300, check=True)
+    setup.runs += 1
     log = setup.work / f"run-{setup.runs:02d}.log"
     with log.open("wb") as fh:
         proc = subprocess.Popen([NIGHTREAD, "run"], env=setup.env(), stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)

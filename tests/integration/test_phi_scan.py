@@ -217,8 +217,10 @@ def test_no_phi_in_what_nightread_run_prints_or_its_prefect_keeps(tmp_path, tiny
             "NIGHTREAD_INFERENCE__MODEL": str(tiny_model),
             "HF_HUB_OFFLINE": "1",
         }
+        nightread = str(Path(sys.executable).parent / "nightread")
+        subprocess.run([nightread, "db", "upgrade"], env=env, capture_output=True, timeout=120, check=True)
         done = subprocess.run(
-            [str(Path(sys.executable).parent / "nightread"), "run"],
+            [nightread, "run"],
             env=env,
             capture_output=True,
             text=True,

@@ -40,9 +40,11 @@ def test_serve_registers_the_deployments_on_a_local_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "NIGHTREAD_DATA_DIR": str(tmp_path / "data")})
     log = tmp_path / "serve.log"
+    nightread = str(Path(sys.executable).parent / "nightread")
+    subprocess.run([nightread, "db", "upgrade"], env=env, capture_output=True, timeout=120, check=True)
     with log.open("wb") as fh:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "nightread"), "serve", "--server-port", str(port)],
+            [nightread, "serve", "--server-port", str(port)],
             env=env,
             stdout=fh,
             stderr=subprocess.STDOUT,
