@@ -280,3 +280,24 @@ def serve(
 
             with temporary_settings({PREFECT_API_URL: api}):
                 prefect_serve(*build_deployments(settings, cron=cron, timezone=timezone))
+
+
+@app.command()
+def deploy(
+    pool: Annotated[str, typer.Option(help="the process work pool (created with its queues if missing)")] = "nightread",
+    timezone: Annotated[str, typer.Option(help="time zone of the nightly's 01:00 schedule")] = "UTC",
+) -> None:
+    """Create the work pool, its queues (urgent, nightly, backfill by priority) and the nightly,
+    annotate-studies, backfill and reannotate deployments on the Prefect server of PREFECT_API_URL, for
+    `prefect worker start --pool nightread` on any number of machines (docs/scale-out.md)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        raise fail("deploy needs a Prefect server: set PREFECT_API_URL (e.g. http://prefect:4200/api)", code=2)
+    from flows.deployments import deploy as deploy_all
+
+    settings = load_settings()
+    with database(settings):  # the schema the workers will need, checked before anything is created
+        pass
+    names = deploy_all(pool=pool, timezone=timezone)
+    console.print(f"deployed on pool {pool!r}: {', '.join(names)}")
+    if settings.flow.dispatch != "work_pool":
+        console.print("note: NIGHTREAD_FLOW__DISPATCH is not work_pool here: set it where the nightly runs")

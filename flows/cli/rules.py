@@ -143,7 +143,7 @@ def render(
     """Render one file through exactly the pipeline the flows use, and say what happened."""
     from flows.rules.selection import load_rules, select_images
     from integrations.errors import DecodeError
-    from integrations.imaging import read_instance_info
+    from integrations.imaging import default_frame, read_instance_info
     from integrations.imaging import render as render_image
 
     settings = load_settings()
@@ -152,7 +152,12 @@ def render(
     except DecodeError as exc:
         raise fail(f"failed (read): {exc}") from None
     (decision,) = select_images([info], load_rules(settings.rules_file))
-    chosen = frame if frame is not None else decision.frames[0]
+    # the flows' choice: the middle of the frames the rules picked (or of the object, when not selected)
+    chosen = (
+        frame
+        if frame is not None
+        else default_frame(info.number_of_frames, decision.frames if decision.selected else ())
+    )
     try:
         rendered = render_image(
             source, frame=chosen, max_long_edge=settings.render.max_long_edge, ct_windows=settings.render.ct_windows

@@ -165,10 +165,9 @@ def listen(
 
     settings = load_settings()
     allowed = list(allow or settings.listen.allowed_aes)
-    with database(settings) as engine, ExitStack() as stack:  # checked here: the recorder would migrate it
+    with database(settings) as engine, ExitStack() as stack:  # the schema checked here, one engine
         serve_metrics(settings, engine)
-        record, recorder_engine = make_arrival_recorder(settings)
-        stack.callback(recorder_engine.dispose)
+        record = make_arrival_recorder(settings, engine)
         try:
             receiver = StoreReceiver(
                 inbox=settings.inbox,

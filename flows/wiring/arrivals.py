@@ -7,17 +7,15 @@ from collections.abc import Callable
 from sqlalchemy import Engine
 
 from db import repository as repo
-from db.migrate import upgrade
-from db.session import make_engine, session_scope
+from db.session import session_scope
 from flows.wiring.runtime import source_row
 from flows.wiring.settings import NightreadSettings
 from integrations.receiver import Arrival
 
 
-def make_arrival_recorder(settings: NightreadSettings) -> tuple[Callable[[Arrival], None], Engine]:
-    """(callback for StoreReceiver, engine): each pushed instance is counted on its study's row."""
-    upgrade(settings.database_url)
-    engine = make_engine(settings.database_url)
+def make_arrival_recorder(settings: NightreadSettings, engine: Engine) -> Callable[[Arrival], None]:
+    """The StoreReceiver's callback: each pushed instance is counted on its study's row (in the database
+    of `engine`, whose schema the caller has checked: nothing here migrates)."""
     push = settings.push_source()
     with session_scope(engine) as session:
         source_id = repo.upsert_source(session=session, **source_row(push)).id
@@ -36,4 +34,4 @@ def make_arrival_recorder(settings: NightreadSettings) -> tuple[Callable[[Arriva
                 accession_number=arrival.accession_number,
             )
 
-    return record, engine
+    return record

@@ -278,6 +278,13 @@ class RenderSettings(BaseModel):
 class ReviewSettings(BaseModel):
     """`nightread review`: the QA web page."""
 
+    verified_reports: bool = Field(
+        default=True,
+        description="when a study's last flagged finding is decided, write a new, VERIFIED version of its SR",
+    )
+    verifying_organization: str = Field(
+        default="nightread", min_length=1, max_length=64, description="Verifying Organization in verified SRs"
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     secret_key: SecretStr = Field(

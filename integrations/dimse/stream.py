@@ -805,8 +805,13 @@ class StreamingStorageServer:
         return wrapped
 
     def _serve(self, sock: socket.socket, host: str) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        where = f"{host}:{sock.getpeername()[1]}"
+        # a peer may be gone already: its thread still ends through the bookkeeping below (a raise here
+        # would leak its pending slot, and enough quick connect-and-close peers would fill them all)
+        port: object = "?"
+        with suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            port = sock.getpeername()[1]
+        where = f"{host}:{port}"
         assoc = _Association(sock, peer="storage SCU", where=where)
         receiver: _Receiver | None = None
         pending, established = True, False

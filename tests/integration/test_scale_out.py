@@ -131,7 +131,7 @@ def test_two_workers_share_a_night_and_a_killed_workers_study_goes_to_the_other(
     }
     subprocess.run([NIGHTREAD, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=300)
     deployed = subprocess.run(
-        [sys.executable, "-c", "from flows.deployments import deploy; print(deploy())"],
+        [NIGHTREAD, "deploy"],
         env=env,
         capture_output=True,
         text=True,

@@ -342,6 +342,22 @@ def answer_ready(sock: socket.socket, timeout_s: float) -> bool:
         sock.settimeout(5)
 
 
+def test_peers_that_reset_at_once_leave_no_pending_slot_behind(scp) -> None:
+    """A connection reset before its thread even looks at it (getpeername fails): its pending slot is
+    given back, so quick connect-and-reset peers can never fill the pool and lock modalities out."""
+    import struct
+
+    for _ in range(100):
+        sock = connect(scp, "127.0.0.3")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a RST
+    wait_for_threads(scp, 0, timeout_s=10)
+    assert scp._pending == {}, "every pending slot given back"
+    with associated(scp, "127.0.0.3") as sock:
+        sock.sendall(framing.RELEASE_RQ_PDU)
+        assert sock.recv(10, socket.MSG_WAITALL) == framing.RELEASE_RP_PDU
+
+
 def test_three_hundred_connections_never_get_three_hundred_threads(scp) -> None:
     socks = []
     try:

@@ -9,6 +9,7 @@ from sqlmodel import Session, select
 
 from db.migrate import upgrade
 from db.models import Image, Study
+from db.session import make_engine
 from flows.nightly import run_nightly
 from flows.wiring.arrivals import make_arrival_recorder
 from integrations.errors import ConfigurationError
@@ -63,7 +64,8 @@ def test_pushed_studies_are_read_by_the_next_run(prefect_harness, make_settings,
         sources=[{"name": "push", "kind": "push", "quiet_period_s": 0}], listen={"quiet_period_s": 0}
     )
     upgrade(settings.database_url)
-    record, engine = make_arrival_recorder(settings)
+    engine = make_engine(settings.database_url)
+    record = make_arrival_recorder(settings, engine)
     ct = studies[3]
     with StoreReceiver(inbox=settings.inbox, allowed_aes=["CT01"], on_arrival=record) as r:
         assert set(push(r.port, ct.instances, ae_title="CT01")) == {0}
@@ -85,7 +87,8 @@ def test_quiet_period_holds_a_study_back(prefect_harness, make_settings, studies
         sources=[{"name": "push", "kind": "push", "quiet_period_s": 3600}], listen={"quiet_period_s": 3600}
     )
     upgrade(settings.database_url)
-    record, engine = make_arrival_recorder(settings)
+    engine = make_engine(settings.database_url)
+    record = make_arrival_recorder(settings, engine)
     with StoreReceiver(inbox=settings.inbox, allowed_aes=["CR01"], on_arrival=record) as r:
         push(r.port, studies[0].instances, ae_title="CR01")
     result = run_nightly(settings)

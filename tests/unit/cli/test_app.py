@@ -26,7 +26,7 @@ WIDE = {"COLUMNS": "200"}  # no wrapped or cut names in rich's help panels
 # every command, by the module that holds it (the old `model tiny` is a hidden alias of `models tiny`)
 COMMANDS = {
     "system": ["config", "doctor", "db upgrade"],
-    "pipeline": ["status", "run", "demo", "backfill", "reannotate", "serve"],
+    "pipeline": ["status", "run", "demo", "backfill", "reannotate", "serve", "deploy"],
     "sources": ["sample-pacs", "listen", "sources list", "sources add", "sources disable", "sources enable"],
     "rules": ["render", "inspect", "rules check", "rules explain"],
     "review": [

@@ -94,3 +94,25 @@ def test_render_and_inspect_a_file_through_the_flows_pipeline(tmp_path: Path) ->
     bad = nightread("render", str(junk), "--out", str(tmp_path / "j.png"))
     assert bad.returncode == 1
     assert "failed" in bad.stderr
+
+
+def test_render_without_a_frame_renders_the_flows_choice_not_frame_0(tmp_path: Path) -> None:
+    """A multi-frame object: `render` without --frame gives the frame the flows would render."""
+    from flows.rules.selection import load_rules, select_images
+    from integrations.imaging import default_frame, png_to_array, read_instance_info
+    from tests.unit.test_multiframe import enhanced_ct
+
+    path = tmp_path / "multiframe.dcm"
+    enhanced_ct([-80.0, -40.0, 0.0, 40.0, 80.0]).save_as(path, enforce_file_format=True)
+    info = read_instance_info(path)
+    (decision,) = select_images([info], load_rules())
+    expected = default_frame(info.number_of_frames, decision.frames if decision.selected else ())
+    assert expected != 0
+    pixels = {}
+    for name, args in (("default", []), ("expected", ["--frame", str(expected)]), ("first", ["--frame", "0"])):
+        out = tmp_path / f"{name}.png"
+        r = nightread("render", str(path), "--out", str(out), *args)
+        assert r.returncode == 0, r.stderr
+        pixels[name] = png_to_array(out.read_bytes())
+    assert (pixels["default"] == pixels["expected"]).all()
+    assert not (pixels["default"] == pixels["first"]).all()
