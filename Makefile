@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: venv lock check-lock demo test lint clean fuzz bench-retrieval bench-triton bench-engine bench-render bench-receiver chaos
+.PHONY: venv lock check-lock demo test lint clean fuzz bench-retrieval bench-triton bench-engine bench-render bench-receiver chaos deploy-check
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,11 @@ bench-triton: venv
 # prints figures (last lines R1, R2, R3), asserts nothing; NIGHTREAD_CHAOS_STUDIES scales it (default 20)
 chaos: venv
 	$(BIN)/python -m tests.chaos
+
+# the images built and deploy/compose.yaml's stack run with podman (as root), a nightly through it, checked and
+# torn down; prints each phase's time (docs/deployment.md#make-deploy-check)
+deploy-check: venv
+	$(BIN)/python -m tests.deploy_check
 
 clean:
 	rm -rf .nightread test-output .pytest_cache .mypy_cache .ruff_cache

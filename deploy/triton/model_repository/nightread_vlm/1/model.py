@@ -115,7 +115,8 @@ class TritonPythonModel:
         self.info = self.annotator.model_info
         self.logger = pb_utils.Logger
         self.logger.log_info(
-            f"nightread_vlm: {self.info.name}@{self.info.revision} on {device} ({inf.dtype}, engine {inf.engine})"
+            f"nightread_vlm: {self.info.name}@{self.info.revision} on {device} ({inf.dtype}, engine {inf.engine}); "
+            f"one vision encoding per image: {self.annotator.encodes_once}"
         )
 
     def execute(self, requests: list) -> list:
@@ -134,6 +135,7 @@ class TritonPythonModel:
                 decoded.append((i, annotation))
         if decoded:
             try:
+                # each image's caption, closed and open questions with one vision encoding where the engine can
                 results = self.annotator.annotate([a for _, a in decoded])
                 for (i, _), result in zip(decoded, results, strict=True):
                     responses[i] = self._respond(encode_result(result, self.info))
