@@ -26,12 +26,34 @@ def test_prefect_yaml_entrypoints_and_schedule():
 
     spec = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
-    assert set(by_name) == {"nightly", "backfill", "reannotate"}
+    assert set(by_name) == {"nightly", "annotate-studies", "backfill", "reannotate"}
     for d in spec["deployments"]:
         flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
         assert flow.name == d["name"]
         assert d["work_pool"]["name"] == "nightread"
     Cron(by_name["nightly"]["schedules"][0]["cron"], timezone="UTC")  # raises on an invalid cron
+
+
+def test_prefect_yaml_and_nightread_deploy_create_the_same_deployments():
+    """deploy/prefect.yaml (for `prefect deploy`) and flows/deployments.py (`nightread deploy`) agree:
+    names, entrypoints, queues, schedules and concurrency limits; the queues are the dispatcher's."""
+    from flows.deployments import DEPLOYMENTS
+    from flows.dispatch import QUEUES
+
+    spec = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())
+    in_yaml = {
+        d["name"]: (
+            d["entrypoint"],
+            d["work_pool"]["work_queue_name"],
+            d.get("schedules", [{}])[0].get("cron"),
+            d.get("concurrency_limit"),
+        )
+        for d in spec["deployments"]
+    }
+    in_code = {d.name: (d.entrypoint, d.queue, d.cron, d.concurrency_limit) for d in DEPLOYMENTS}
+    assert in_yaml == in_code
+    assert {d.queue for d in DEPLOYMENTS} <= set(QUEUES)
+    assert sorted(QUEUES, key=QUEUES.__getitem__) == ["urgent", "nightly", "backfill"]
 
 
 @pytest.mark.slow
