@@ -233,8 +233,10 @@ def run_once(setup: Setup, *, timeout_s: float = 300) -> RunOutcome:
 @dataclass
 class Point:
     """Where in a run the harness strikes: `kind` is startup (`extra_s` after the start), retrieving (a
-    study retrieving), rendered (an image more), annotated (a caption or finding more) or done (`n`
-    studies more done); then `extra_s` more."""
+    study retrieving), rendered (a study of this run in flight with its images rendered: counting image
+    rows would miss it, since a killed run may have rendered every image already and a later run's
+    renders are upserts), annotated (a caption or finding more) or done (`n` studies more done); then
+    `extra_s` more."""
 
     kind: str
     extra_s: float = 0.0
@@ -261,9 +263,16 @@ def progress(engine: Any) -> dict[str, int]:
             images = conn.execute(text("SELECT count(*) FROM image")).scalar_one()
             answers = conn.execute(text("SELECT (SELECT count(*) FROM caption) + (SELECT count(*) FROM finding)"))
             runs = conn.execute(text("SELECT count(*) FROM run")).scalar_one()
+            rendered_in_flight = conn.execute(
+                text(
+                    "SELECT count(*) FROM study s WHERE s.status = 'retrieving' "
+                    "AND EXISTS (SELECT 1 FROM image i WHERE i.study_id = s.id)"
+                )
+            ).scalar_one()
             return {
                 **{str(k): int(v) for k, v in by_status.items()},
                 "images": int(images),
+                "rendered_in_flight": int(rendered_in_flight),
                 "answers": int(answers.scalar_one()),
                 "runs": int(runs),
             }
@@ -288,7 +297,7 @@ def wait_for_point(
         if point.kind == "retrieving":
             return now.get("retrieving", 0) > 0
         if point.kind == "rendered":
-            return now.get("images", 0) > base.get("images", 0)
+            return now.get("rendered_in_flight", 0) > 0 or now.get("images", 0) > base.get("images", 0)
         if point.kind == "annotated":
             return now.get("answers", 0) > base.get("answers", 0)
         return now.get("done", 0) >= base.get("done", 0) + point.n
