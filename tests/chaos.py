@@ -660,11 +660,11 @@ def phase_r1(
     setup = make_setup(svc, "r1", inference=inference, max_attempts=10)
     engine = setup.engine()
     delivered = hung_in_a_row = 0
-    # while work is still pending: the Postgres restart after two kills, the S3 failure last (that run
-    # goes on to the end once S3 is back)
+    # while work is still pending: the Postgres restart after two kills, S3 failing after two more (the
+    # runs go on once each is back)
     events: list[str] = [f"kill{i}" for i in range(kills)]
     events.insert(min(2, len(events)), "postgres")
-    events.append("s3")
+    events.insert(min(5, len(events)), "s3")  # while work remains (a last event finds every study done)
     run_timeout_s = 60.0 + 3.0 * len(uids)
     try:
         for event in events:
