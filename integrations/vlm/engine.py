@@ -5,12 +5,16 @@
   once; their KV cache is repeated for the K questions, which run in one batched forward; P(yes)
   is the softmax over the logits of every yes/no token variant of the tokenizer at the answer
   position, divided by the model's temperature.
+- all three for one image with one vision encoding (`annotate_images`): the image prefix is encoded
+  once, the caption and the open answers are decoded from copies of its KV cache and the closed
+  questions are scored after it (or, for a prefix-LM, the image's features are computed once).
 
 The engine is what runs in-process (LocalAnnotator) and inside Triton's Python backend.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import threading
@@ -18,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from integrations.errors import ConfigurationError, UnsupportedTask
 
@@ -48,12 +52,46 @@ class EngineOptions:
 ENGINE_ENTRY_POINTS = "nightread.engines"
 
 
+@dataclass(frozen=True)
+class ImageTask:
+    """Everything asked of one image: an optional caption, closed questions (scored after the shared
+    `closed_context`) and open questions as (prompt, max_new_tokens). Prompts are the user's text, as
+    for `generate` / `p_yes_shared`; the engine applies its chat template."""
+
+    image: Any
+    caption_prompt: str | None = None
+    caption_max_new_tokens: int = 48
+    closed_context: str = ""
+    closed_questions: Sequence[str] = ()
+    open_questions: Sequence[tuple[str, int]] = ()
+
+
+class ImageAnnotation(NamedTuple):
+    """The answers for one ImageTask: the caption (None when none was asked), P(yes) per closed question
+    and the text per open question, in the task's order, and per-stage timings in ms."""
+
+    caption: str | None
+    p_yes: list[float]
+    answers: list[str]
+    timings_ms: dict[str, float]
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What an engine plugin provides (entry-point group `nightread.engines`).
 
     A plugin's entry point is a callable `load(checkpoint: str, options: EngineOptions) -> Engine`.
     Raise `UnsupportedTask` from `p_yes_shared` if the architecture cannot answer questions.
+
+    Optional, used by LocalAnnotator when present (see `EncodeOnceEngine`):
+
+    - `generate_batch(images, prompts, *, max_new_tokens, min_new_tokens=0) -> list[str]` and
+      `p_yes_shared_batch(items, *, temperature=1.0) -> list[(probabilities, timings)]`;
+    - `annotate_images(tasks: Sequence[ImageTask], *, temperature: float = 1.0) -> list[ImageAnnotation]`:
+      the caption, closed and open questions of each image with ONE vision encoding per image. It must
+      give what `generate` / `p_yes_shared` give task by task. A plain 4-tuple (caption, p_yes, answers,
+      timings_ms) is accepted in place of an ImageAnnotation. An engine may also set `encode_once = False`
+      (e.g. for a family it cannot do it for): LocalAnnotator then asks task by task.
     """
 
     family: str
@@ -66,6 +104,13 @@ class Engine(Protocol):
     def p_yes_shared(
         self, image: Any, context: str, questions: Sequence[str], *, temperature: float = 1.0
     ) -> tuple[list[float], dict[str, float]]: ...
+
+
+@runtime_checkable
+class EncodeOnceEngine(Protocol):
+    """The optional part of the Engine protocol: every task of an image with one vision encoding."""
+
+    def annotate_images(self, tasks: Sequence[ImageTask], *, temperature: float = 1.0) -> list[ImageAnnotation]: ...
 
 
 def engine_plugins() -> dict[str, Any]:
@@ -143,7 +188,14 @@ class VlmEngine:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.yes_ids, self.no_ids = ([], []) if self.captions_only else self._answer_token_ids()
         self._vision_s = 0.0
+        self.vision_runs = 0  # forwards of the vision encoder so far (counted by a hook on its module)
+        self.vision_tower: Any = None
         self._watch_vision()
+        self._encode_once_mode, self.encode_once_reason = self._encode_once_plan()
+        # one vision encoding per image for caption + closed + open questions (annotate_images)
+        self.encode_once = bool(self._encode_once_mode)
+        # an image's caption and open answers in one generate call (rows after the shared prefix) on GPUs
+        self.batch_generations = not self.device.startswith("cpu")
         if not self.captions_only and (not self.yes_ids or not self.no_ids):
             raise ConfigurationError(f"the tokenizer of {self.family} has no single token for yes/no")
         self._torch = torch
@@ -157,11 +209,13 @@ class VlmEngine:
             (getattr(inner, n) for n in ("vision_model", "vision_tower", "visual", "encoder") if hasattr(inner, n)),
             None,
         )
-        if tower is None or self.captions_only:
+        if tower is None:
             return
+        self.vision_tower = tower
         started: list[float] = []
 
         def before(*_: Any) -> None:
+            self.vision_runs += 1
             started.append(time.perf_counter())
 
         def after(*_: Any) -> None:
@@ -239,19 +293,26 @@ class VlmEngine:
                 )
                 return [_printable(str(t)) for t in self.processor.batch_decode(out, skip_special_tokens=True)]
             inputs = self._inputs([self._chat(p) for p in prompts], list(images))
-            stops = list(self.options.stop_strings) if not min_new_tokens else []
-            out = self.model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens,
-                do_sample=False,
-                **({"stop_strings": stops, "tokenizer": self.tokenizer} if stops else {}),
-            )
-            new = out[:, inputs["input_ids"].shape[1] :]
-            return [
-                _printable(_cut(str(t), self.options.stop_strings))
-                for t in self.processor.batch_decode(new, skip_special_tokens=True)
-            ]
+            out = self.model.generate(**inputs, **self._greedy(max_new_tokens, min_new_tokens))
+            return self._decode_new(out, inputs["input_ids"].shape[1])
+
+    def _greedy(self, max_new_tokens: int, min_new_tokens: int) -> dict[str, Any]:
+        """`generate` arguments of every caption and open answer: greedy, capped, ended at the stop strings
+        (unless a minimum length is asked for, as benchmarks do; never more than the cap)."""
+        min_new_tokens = min(min_new_tokens, max_new_tokens)
+        stops = list(self.options.stop_strings) if not min_new_tokens else []
+        return {
+            "max_new_tokens": max_new_tokens,
+            "min_new_tokens": min_new_tokens,
+            "do_sample": False,
+            **({"stop_strings": stops, "tokenizer": self.tokenizer} if stops else {}),
+        }
+
+    def _decode_new(self, out: Any, prompt_len: int) -> list[str]:
+        return [
+            _printable(_cut(str(t), self.options.stop_strings))
+            for t in self.processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+        ]
 
     def p_yes_shared(
         self, image: Any, context: str, questions: Sequence[str], *, temperature: float = 1.0
@@ -285,35 +346,57 @@ class VlmEngine:
             timings["vision_ms"] = self._vision_s * 1000
             timings["prefix_ms"] = (t_end - t_pre - self._vision_s) * 1000
             t1 = time.perf_counter()
-            k = len(questions)
-            self.tokenizer.padding_side = "right"
-            suf = self.tokenizer(
-                [q + suffix_tpl for q in questions], add_special_tokens=False, padding=True, return_tensors="pt"
-            ).to(self.device)
-            cache.batch_repeat_interleave(k)
-            attn = torch.cat([pre["attention_mask"].repeat(k, 1), suf["attention_mask"]], dim=1)
-            n_images = pre["image_attention_mask"].shape[2]
-            states_key, states = self._idefics_image_states(out)
-            extra: dict[str, Any] = {
-                states_key: states.repeat_interleave(k, 0),
-                "image_attention_mask": pre["image_attention_mask"].new_ones((k, suf["input_ids"].shape[1], n_images)),
-            }
-            # only each row's last real token needs the LM head: keep the (few) distinct last positions
-            # instead of projecting K × S hidden states onto the whole vocabulary
-            last = suf["attention_mask"].sum(1) - 1
-            keep = torch.unique(last)
-            o2 = self.model(
-                input_ids=suf["input_ids"],
-                attention_mask=attn,
-                use_cache=True,
-                logits_to_keep=keep,
-                **{self._cache_arg: cache},
-                **extra,
+            probs = self._score_after_cross_attention(
+                cache,
+                pre["attention_mask"],
+                pre["image_attention_mask"].shape[2],
+                self._idefics_image_states(out),
+                questions,
+                suffix_tpl,
+                temperature,
             )
-            logits = o2.logits[torch.arange(k, device=self.device), torch.searchsorted(keep, last)]
-            probs = self._p_yes(logits, temperature)
             timings["scoring_ms"] = (time.perf_counter() - t1) * 1000
         return probs, timings
+
+    def _score_after_cross_attention(
+        self,
+        cache: Any,
+        prefix_mask: Any,
+        n_images: int,
+        image_states: tuple[str, Any],
+        questions: Sequence[str],
+        suffix_tpl: str,
+        temperature: float,
+    ) -> list[float]:
+        """IDEFICS: the K questions as a right-padded batch after the cached prefix (repeated K times), each
+        row carrying the image states and an image attention mask. Consumes `cache`."""
+        torch = self._torch
+        k = len(questions)
+        self.tokenizer.padding_side = "right"
+        suf = self.tokenizer(
+            [q + suffix_tpl for q in questions], add_special_tokens=False, padding=True, return_tensors="pt"
+        ).to(self.device)
+        cache.batch_repeat_interleave(k)
+        attn = torch.cat([prefix_mask.repeat(k, 1), suf["attention_mask"]], dim=1)
+        states_key, states = image_states
+        extra: dict[str, Any] = {
+            states_key: states.repeat_interleave(k, 0),
+            "image_attention_mask": prefix_mask.new_ones((k, suf["input_ids"].shape[1], n_images)),
+        }
+        # only each row's last real token needs the LM head: keep the (few) distinct last positions
+        # instead of projecting K × S hidden states onto the whole vocabulary
+        last = suf["attention_mask"].sum(1) - 1
+        keep = torch.unique(last)
+        out = self.model(
+            input_ids=suf["input_ids"],
+            attention_mask=attn,
+            use_cache=True,
+            logits_to_keep=keep,
+            **{self._cache_arg: cache},
+            **extra,
+        )
+        logits = out.logits[torch.arange(k, device=self.device), torch.searchsorted(keep, last)]
+        return self._p_yes(logits, temperature)
 
     def _idefics_image_states(self, out: Any) -> tuple[str, Any]:
         """The image states of an IDEFICS prefix pass, under the forward argument that takes them back.
@@ -374,17 +457,25 @@ class VlmEngine:
         return [(p, {**per_ms, "scoring_ms": scoring_ms * len(r) / total_q}) for p, r in zip(probs, rows, strict=True)]
 
     def _score_packed_rows(
-        self, prefix_mask: Any, cache: Any, rows: list[list[list[int]]], temperature: float
+        self,
+        prefix_mask: Any,
+        cache: Any,
+        rows: list[list[list[int]]],
+        temperature: float,
+        leads: list[list[int]] | None = None,
     ) -> list[list[float]]:
         """Each row's questions packed after its (left-padded) cached prefix: no padding between questions
         and no K-fold copy of the cache. A block-diagonal 4D mask lets each question see the prefix and its
         own earlier tokens only, and its positions restart after the prefix, so each answer is exactly what
         a separate continuation would give (checked against a full forward for every family). Rows are
-        padded to one length, pad tokens attending only to themselves so every value stays finite."""
+        padded to one length, pad tokens attending only to themselves so every value stays finite.
+        `leads` (optional, per row): tokens that continue the cached prefix before the questions, seen by
+        every question of the row (the closed-question context after an image prefix shared with other
+        tasks). Consumes `cache`."""
         torch = self._torch
         n, p_len = prefix_mask.shape
-        lengths = [[len(q) for q in r] for r in rows]
-        total = max(sum(ls) for ls in lengths)
+        leads = leads or [[] for _ in rows]
+        total = max(len(lead) + sum(len(q) for q in r) for r, lead in zip(rows, leads, strict=True))
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((n, total), pad_id, dtype=torch.long, device=self.device)
         positions = torch.zeros((n, total), dtype=torch.long, device=self.device)
@@ -392,14 +483,22 @@ class VlmEngine:
         real_prefix = prefix_mask.to(self.device).bool()
         prefix_len = real_prefix.sum(1)
         lasts: list[list[int]] = []
-        for b, r in enumerate(rows):
-            flat = [t for q in r for t in q]
+        for b, (r, lead) in enumerate(zip(rows, leads, strict=True)):
+            flat = [*lead, *(t for q in r for t in q)]
             ids[b, : len(flat)] = torch.tensor(flat, dtype=torch.long, device=self.device)
-            start, row_last = 0, []
+            n_lead = len(lead)
+            if n_lead:  # the lead continues the prefix causally
+                positions[b, :n_lead] = int(prefix_len[b]) + torch.arange(n_lead, device=self.device)
+                allowed[b, :n_lead, :p_len] = real_prefix[b]
+                allowed[b, :n_lead, p_len : p_len + n_lead] = torch.tril(
+                    torch.ones((n_lead, n_lead), dtype=torch.bool, device=self.device)
+                )
+            start, row_last = n_lead, []
             for q in r:
                 span = slice(start, start + len(q))
-                positions[b, span] = int(prefix_len[b]) + torch.arange(len(q), device=self.device)
+                positions[b, span] = int(prefix_len[b]) + n_lead + torch.arange(len(q), device=self.device)
                 allowed[b, span, :p_len] = real_prefix[b]
+                allowed[b, span, p_len : p_len + n_lead] = True
                 allowed[b, span, p_len + start : p_len + start + len(q)] = torch.tril(
                     torch.ones((len(q), len(q)), dtype=torch.bool, device=self.device)
                 )
@@ -432,25 +531,29 @@ class VlmEngine:
 
     def p_yes_full(self, image: Any, context: str, question: str, *, temperature: float = 1.0) -> float:
         """The same probability from one full forward without a cache (the reference for P2)."""
-        torch = self._torch
         prefix, suffix_tpl = self.split_prompt(context)
-        with self._lock, torch.inference_mode():
-            pre = self._encode([prefix], [image])
-            suf = self.tokenizer(question + suffix_tpl, add_special_tokens=False, return_tensors="pt")
-            p_len, s_len = pre["input_ids"].shape[1], suf["input_ids"].shape[1]
-            batch = {}
-            for key, value in pre.items():
-                if key in ("input_ids", "attention_mask"):
-                    value = torch.cat([value, suf[key]], dim=1)
-                elif getattr(value, "dim", lambda: 0)() == 2 and value.shape[1] == p_len:
-                    # per-token fields of the prefix (e.g. mm_token_type_ids): suffix tokens are text, 0
-                    value = torch.cat([value, value.new_zeros((value.shape[0], s_len))], dim=1)
-                elif key == "image_attention_mask":  # IDEFICS: tokens after the image attend to it
-                    value = torch.cat([value, value.new_ones((value.shape[0], s_len, value.shape[2]))], dim=1)
-                batch[key] = value
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            out = self.model(**batch, use_cache=False, logits_to_keep=1)
-            return self._p_yes(out.logits[:, -1, :], temperature)[0]
+        with self._lock, self._torch.inference_mode():
+            return self._p_yes_full(self._encode([prefix], [image]), question + suffix_tpl, temperature)
+
+    def _p_yes_full(self, pre: Any, suffix: str, temperature: float, **extra: Any) -> float:
+        """P(yes) after the processed prefix `pre` followed by the text `suffix`, in one forward (`extra`:
+        e.g. pre-encoded image features in place of the prefix's pixel values)."""
+        torch = self._torch
+        suf = self.tokenizer(suffix, add_special_tokens=False, return_tensors="pt")
+        p_len, s_len = pre["input_ids"].shape[1], suf["input_ids"].shape[1]
+        batch = {}
+        for key, value in pre.items():
+            if key in ("input_ids", "attention_mask"):
+                value = torch.cat([value, suf[key].to(value.device)], dim=1)
+            elif getattr(value, "dim", lambda: 0)() == 2 and value.shape[1] == p_len:
+                # per-token fields of the prefix (e.g. mm_token_type_ids): suffix tokens are text, 0
+                value = torch.cat([value, value.new_zeros((value.shape[0], s_len))], dim=1)
+            elif key == "image_attention_mask":  # IDEFICS: tokens after the image attend to it
+                value = torch.cat([value, value.new_ones((value.shape[0], s_len, value.shape[2]))], dim=1)
+            batch[key] = value
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        out = self.model(**batch, use_cache=False, logits_to_keep=1, **extra)
+        return self._p_yes(out.logits[:, -1, :], temperature)[0]
 
     def _p_yes(self, logits: Any, temperature: float) -> list[float]:
         torch = self._torch
@@ -458,6 +561,429 @@ class VlmEngine:
         ly = torch.logsumexp(lp[:, self.yes_ids], dim=-1)
         ln = torch.logsumexp(lp[:, self.no_ids], dim=-1)
         return [float(p) for p in torch.sigmoid((ly - ln) / max(temperature, 1e-6)).tolist()]
+
+    # --- one vision encoding per image ------------------------------------------------------------------
+    def _encode_once_plan(self) -> tuple[str, str]:
+        """How this family answers all of an image's tasks with one vision encoding, or why it cannot."""
+        if self.captions_only:
+            return "captions", "a captioner: its only task, the caption, encodes the image once"
+        if self.prefix_lm:
+            if "mm_encoder_outputs" in inspect.signature(self.model.forward).parameters:
+                return "features", (
+                    "a prefix-LM attends over its whole prompt both ways, so no KV prefix can be shared: the image's "
+                    "features are computed once and every task's forward takes them in place of the pixels"
+                )
+            return "", "a prefix-LM, and this transformers release takes no pre-encoded image features"
+        if self.packed_scoring or self.idefics:
+            return "prefix", "the image prefix is encoded once; every task continues a copy of its KV cache"
+        return "", f"{self.family} is not verified to continue a cached image prefix"
+
+    def annotate_image(
+        self,
+        image: Any,
+        *,
+        caption_prompt: str | None = None,
+        caption_max_new_tokens: int = 48,
+        closed_context: str = "",
+        closed_questions: Sequence[str] = (),
+        open_questions: Sequence[tuple[str, int]] = (),
+        temperature: float = 1.0,
+    ) -> ImageAnnotation:
+        """Caption, closed and open questions of one image with one vision encoding (see annotate_images)."""
+        task = ImageTask(
+            image,
+            caption_prompt,
+            caption_max_new_tokens,
+            closed_context,
+            tuple(closed_questions),
+            tuple(open_questions),
+        )
+        return self.annotate_images([task], temperature=temperature)[0]
+
+    def annotate_images(
+        self,
+        tasks: Sequence[ImageTask],
+        *,
+        temperature: float = 1.0,
+        encode_once: bool | None = None,
+        min_new_tokens: int = 0,
+    ) -> list[ImageAnnotation]:
+        """Every task of every image, the vision encoder running once per image where the family allows it
+        (`self.encode_once`; how, or why not: `self.encode_once_reason`), else task by task. The results are
+        those of `generate` (caption, open answers) and `p_yes_shared` (closed questions). On the CPU images
+        go one after another; with `batch_generations` (GPUs) the captions and open answers of all images
+        are written in one `generate` call. `encode_once=False` asks task by task (the reference);
+        `min_new_tokens` forces every caption and answer to that length (at most its cap), ignoring the stop
+        strings (benchmarks)."""
+        once = self.encode_once if encode_once is None else encode_once and self.encode_once
+        for task in tasks:
+            if self.captions_only and (task.closed_questions or task.open_questions):
+                raise UnsupportedTask(f"model family {self.family} writes captions only; it cannot answer questions")
+        done: list[ImageAnnotation | None] = [None] * len(tasks)
+        if once and self._encode_once_mode == "prefix":
+            indices = list(range(len(tasks)))
+            groups = [indices] if self.batch_generations else [[i] for i in indices]
+            for group in groups:
+                answered = self._annotate_from_prefix([tasks[i] for i in group], temperature, min_new_tokens)
+                for i, annotation in zip(group, answered, strict=True):
+                    done[i] = annotation
+        elif once and self._encode_once_mode == "features":
+            done = [self._annotate_from_features(task, temperature, min_new_tokens) for task in tasks]
+        return [
+            annotation if annotation is not None else self._annotate_task_by_task(task, temperature, min_new_tokens)
+            for annotation, task in zip(done, tasks, strict=True)
+        ]
+
+    def _annotate_task_by_task(self, task: ImageTask, temperature: float, min_new_tokens: int) -> ImageAnnotation:
+        """One `generate` per caption and open question and one `p_yes_shared`: each encodes the image."""
+        timings: dict[str, float] = {}
+        caption = None
+        if task.caption_prompt is not None:
+            t0 = time.perf_counter()
+            caption = self.generate(
+                task.image,
+                task.caption_prompt,
+                max_new_tokens=task.caption_max_new_tokens,
+                min_new_tokens=min_new_tokens,
+            )
+            timings["caption_ms"] = (time.perf_counter() - t0) * 1000
+        probs: list[float] = []
+        if task.closed_questions:
+            probs, scored = self.p_yes_shared(
+                task.image, task.closed_context, task.closed_questions, temperature=temperature
+            )
+            timings.update(scored)
+        t0 = time.perf_counter()
+        answers = [
+            self.generate(task.image, p, max_new_tokens=n, min_new_tokens=min_new_tokens)
+            for p, n in task.open_questions
+        ]
+        if answers:
+            timings["open_ms"] = (time.perf_counter() - t0) * 1000
+        return ImageAnnotation(caption, probs, answers, timings)
+
+    def _task_prompts(self, task: ImageTask) -> tuple[list[tuple[str, int]], list[str], str]:
+        """(the generation tasks as (prompt, max_new_tokens), every task's chat text (the generations', then
+        the closed questions' shared prefix), the closed questions' suffix template)."""
+        gens = [(task.caption_prompt, task.caption_max_new_tokens)] if task.caption_prompt is not None else []
+        gens += list(task.open_questions)
+        chats = [self._chat(prompt) for prompt, _ in gens]
+        suffix_tpl = ""
+        if task.closed_questions:
+            closed_prefix, suffix_tpl = self.split_prompt(task.closed_context)
+            chats.append(closed_prefix)
+        return gens, chats, suffix_tpl
+
+    def _annotate_from_prefix(
+        self, tasks: Sequence[ImageTask], temperature: float, min_new_tokens: int
+    ) -> list[ImageAnnotation | None]:
+        """For each image, the tokens all its prompts share (the chat head, the image, often the context
+        sentence) run through the model once, vision encoder included (`_encode_prefix`); the captions and
+        open answers are `generate`d from that KV cache and the closed questions are packed after it. None
+        for an image whose prompts do not share the whole image (the caller then goes task by task)."""
+        torch = self._torch
+        with self._lock, torch.inference_mode():
+            prefixes = [self._encode_prefix(task) for task in tasks]
+            live = [p for p in prefixes if p is not None]
+            t0 = time.perf_counter()
+            written = self._generate_after_prefixes(live, min_new_tokens)
+            generate_ms = (time.perf_counter() - t0) * 1000
+            results: list[ImageAnnotation | None] = []
+            for p in prefixes:
+                if p is None:
+                    results.append(None)
+                    continue
+                texts = written[live.index(p)]
+                if p.gens:  # the caption and the open answers are written together: the caption's latency is theirs
+                    p.timings["generate_ms"] = generate_ms
+                    if p.task.caption_prompt is not None:
+                        p.timings["caption_ms"] = generate_ms
+                probs: list[float] = []
+                if p.task.closed_questions:
+                    t1 = time.perf_counter()
+                    if p.rope_deltas is not None:  # Qwen M-RoPE: text positions after the image carry its delta
+                        self.model.model.rope_deltas = p.rope_deltas
+                    probs = self._score_after_prefix(
+                        p.cache, p.p_len, p.encs[-1], p.task.closed_questions, p.suffix_tpl, temperature, p.image_states
+                    )
+                    p.timings["scoring_ms"] = (time.perf_counter() - t1) * 1000
+                caption = texts.pop(0) if p.task.caption_prompt is not None else None
+                results.append(ImageAnnotation(caption, probs, texts, p.timings))
+        return results
+
+    def _encode_prefix(self, task: ImageTask) -> _Prefix | None:
+        """Process every prompt of `task` with its image (so each task's tokens are exactly those its own call
+        would use) and run the tokens they all share through the model, once. None if they do not share the
+        whole image."""
+        gens, chats, suffix_tpl = self._task_prompts(task)
+        if not chats:
+            return _Prefix(task, [], [], "", 0, None, None, None, {})
+        t0 = time.perf_counter()
+        encs = [self._encode([chat], [task.image]).to(self.device) for chat in chats]
+        p_len = self._shared_prefix_length([enc["input_ids"][0] for enc in encs], n_generated=len(gens))
+        if p_len is None:
+            log.debug("%s: the prompts do not share the image prefix; task by task", self.family)
+            return None
+        t_pre = time.perf_counter()
+        self._vision_s = 0.0
+        first = encs[0]
+        length = first["input_ids"].shape[1]
+        out = self.model(
+            **{k: v[:, :p_len] if _per_token(k, v, length) else v for k, v in first.items()},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        t_end = time.perf_counter()
+        timings = {
+            "preprocess_ms": (t_pre - t0) * 1000,
+            "vision_ms": self._vision_s * 1000,
+            "prefix_ms": (t_end - t_pre - self._vision_s) * 1000,
+        }
+        image_states = self._idefics_image_states(out) if self.idefics else None
+        rope_deltas = self.model.model.rope_deltas if self.mrope else None
+        return _Prefix(task, gens, encs, suffix_tpl, p_len, _cache_of(out), image_states, rope_deltas, timings)
+
+    def _generate_after_prefixes(self, prefixes: Sequence[_Prefix], min_new_tokens: int) -> list[list[str]]:
+        """The greedy captions / open answers of every prefix's generation prompts (in order), each continuing
+        its image's cached prefix: one `generate` call per prompt, or, with `batch_generations`, one call for
+        all (see `_generate_together`)."""
+        rows = [(p, enc, cap) for p in prefixes for (_, cap), enc in zip(p.gens, p.encs, strict=False)]
+        if self._can_generate_together(rows):
+            texts = self._generate_together(rows, min_new_tokens)
+        else:
+            texts = []
+            for p, enc, cap in rows:
+                if p.rope_deltas is not None:
+                    self.model.model.rope_deltas = p.rope_deltas
+                out = self.model.generate(
+                    **_token_fields(enc),
+                    **p.extra,
+                    **{self._cache_arg: _fork(p.cache)},
+                    **self._greedy(cap, min_new_tokens),
+                )
+                texts.append(self._decode_new(out, enc["input_ids"].shape[1])[0])
+        remaining = iter(texts)
+        return [[next(remaining) for _ in p.gens] for p in prefixes]
+
+    def _can_generate_together(self, rows: Sequence[tuple[_Prefix, Any, int]]) -> bool:
+        """Rows go in one call on GPUs (`batch_generations`; on the CPU a single row decodes with
+        matrix-vector kernels and two rows in one call took longer than two calls), when every cache is a
+        plain dynamic one that can be padded, and no sliding attention window could reach the padding."""
+        from transformers.cache_utils import DynamicLayer
+
+        if not self.batch_generations or len(rows) < 2:
+            return False
+        if any(type(layer) is not DynamicLayer for p, _, _ in rows for layer in getattr(p.cache, "layers", [None])):
+            return False
+        if len({tuple(v.shape) for p, _, _ in rows for v in p.extra.values()}) > 1:
+            return False
+        total = max(p.p_len for p, _, _ in rows) + max(enc["input_ids"].shape[1] - p.p_len for p, enc, _ in rows)
+        window = getattr(self.model.config.get_text_config(), "sliding_window", None)
+        return window is None or total + max(cap for _, _, cap in rows) <= window
+
+    def _generate_together(self, rows: Sequence[tuple[_Prefix, Any, int]], min_new_tokens: int) -> list[str]:
+        """All rows in one `generate` call: row j is padding, its image's cached prefix, padding, then its
+        prompt's own tokens. The caches are left-padded to one length; the padding is masked out and positions
+        follow the attention mask, so each row computes what its own call would (cut to its own cap)."""
+        torch = self._torch
+        p_max = max(p.p_len for p, _, _ in rows)
+        total = p_max + max(enc["input_ids"].shape[1] - p.p_len for p, enc, _ in rows)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        columns: dict[str, list[Any]] = {}
+        for p, enc, _ in rows:
+            for key, value in _token_fields(enc).items():
+
+                def fill(n: int, value: Any = value, key: str = key) -> Any:
+                    shape = (value.shape[0], n, *value.shape[2:])
+                    return value.new_full(shape, pad_id) if key == "input_ids" else value.new_zeros(shape)
+
+                left, middle = p_max - p.p_len, total - p_max - (value.shape[1] - p.p_len)
+                parts = [fill(left), value[:, : p.p_len], fill(middle), value[:, p.p_len :]]
+                columns.setdefault(key, []).append(torch.cat(parts, dim=1))
+        batch = {key: torch.cat(values, dim=0) for key, values in columns.items()}
+        extra = {key: torch.cat([p.extra[key] for p, _, _ in rows], dim=0) for key in rows[0][0].extra}
+        if self.mrope:
+            self.model.model.rope_deltas = torch.cat([p.rope_deltas for p, _, _ in rows], dim=0)
+        out = self.model.generate(
+            **batch,
+            **extra,
+            **{self._cache_arg: _stack_caches([p.cache for p, _, _ in rows], p_max)},
+            **self._greedy(max(cap for _, _, cap in rows), min_new_tokens),
+        )
+        return [self._decode_new(out[j : j + 1, : total + cap], total)[0] for j, (_, _, cap) in enumerate(rows)]
+
+    def _score_after_prefix(
+        self,
+        cache: Any,
+        p_len: int,
+        enc: Any,
+        questions: Sequence[str],
+        suffix_tpl: str,
+        temperature: float,
+        image_states: tuple[str, Any] | None,
+    ) -> list[float]:
+        """The closed questions after a cached prefix of `p_len` tokens of their own processed prefix `enc`:
+        the rest of it (the context) leads each packed row. Consumes `cache`."""
+        ids = enc["input_ids"]
+        if self.packed_scoring:
+            rows = [[self.tokenizer(q + suffix_tpl, add_special_tokens=False)["input_ids"] for q in questions]]
+            lead = [int(t) for t in ids[0, p_len:].tolist()]
+            return self._score_packed_rows(enc["attention_mask"][:, :p_len], cache, rows, temperature, leads=[lead])[0]
+        assert image_states is not None  # IDEFICS: the context extends the cache, then the questions batch
+        if ids.shape[1] > p_len:
+            self.model(
+                input_ids=ids[:, p_len:],
+                attention_mask=enc["attention_mask"],
+                image_attention_mask=enc["image_attention_mask"][:, p_len:],
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_arg: cache},
+                **dict([image_states]),
+            )
+        return self._score_after_cross_attention(
+            cache,
+            enc["attention_mask"],
+            enc["image_attention_mask"].shape[2],
+            image_states,
+            questions,
+            suffix_tpl,
+            temperature,
+        )
+
+    def _shared_prefix_length(self, ids: list[Any], *, n_generated: int) -> int | None:
+        """How many leading tokens all prompts share, if that covers the whole image; at least one token of
+        each generation prompt is left for `generate` to run."""
+        torch = self._torch
+        first = ids[0]
+        marks = torch.isin(first, torch.tensor(self._image_token_ids, device=first.device)).nonzero()
+        if not len(marks):
+            return None
+        image_end = int(marks.max()) + 1
+        shared = len(first)
+        for other in ids[1:]:
+            n = min(len(first), len(other))
+            differ = (first[:n] != other[:n]).nonzero()
+            shared = min(shared, int(differ[0]) if len(differ) else n)
+        if n_generated:
+            shared = min(shared, *(len(x) - 1 for x in ids[:n_generated]))
+        return shared if shared >= image_end else None
+
+    @property
+    def _image_token_ids(self) -> list[int]:
+        """The ids of the tokens that stand for the image in a prompt (placeholders and soft tokens)."""
+        found = {getattr(self.model.config, n, None) for n in ("image_token_id", "image_token_index")}
+        found.add(getattr(self.processor, "image_token_id", None))
+        return sorted(i for i in found if isinstance(i, int))
+
+    def _annotate_from_features(
+        self, task: ImageTask, temperature: float, min_new_tokens: int
+    ) -> ImageAnnotation | None:
+        """A prefix-LM's tasks with the image's features computed once: each task's own forward (or
+        `generate`) takes them as `mm_encoder_outputs` instead of the pixels, so it is the task's usual
+        computation without the vision encoder. None when the tasks' pixel inputs differ."""
+        torch = self._torch
+        gens, chats, suffix_tpl = self._task_prompts(task)
+        if not chats:
+            return ImageAnnotation(None, [], [], {})
+        timings: dict[str, float] = {}
+        with self._lock, torch.inference_mode():
+            t0 = time.perf_counter()
+            encs = [self._encode([chat], [task.image]).to(self.device) for chat in chats]
+            pixels = [{k: v for k, v in enc.items() if not _per_token(k, v, enc["input_ids"].shape[1])} for enc in encs]
+            if any(p.keys() != pixels[0].keys() or not all(torch.equal(p[k], pixels[0][k]) for k in p) for p in pixels):
+                return None
+            t_pre = time.perf_counter()
+            encoder = self.model.get_image_features
+            accepted = inspect.signature(encoder).parameters
+            features = encoder(**{k: v for k, v in pixels[0].items() if k in accepted}, return_dict=True)
+            t_end = time.perf_counter()
+            timings["preprocess_ms"] = (t_pre - t0) * 1000
+            timings["vision_ms"] = (t_end - t_pre) * 1000
+            texts = []
+            for (_, max_new_tokens), enc in zip(gens, encs, strict=False):
+                t1 = time.perf_counter()
+                generated = self.model.generate(
+                    **_token_fields(enc),
+                    mm_encoder_outputs={"image": features},
+                    **self._greedy(max_new_tokens, min_new_tokens),
+                )
+                texts.append(self._decode_new(generated, enc["input_ids"].shape[1])[0])
+                key = "caption_ms" if task.caption_prompt is not None and len(texts) == 1 else "open_ms"
+                timings[key] = timings.get(key, 0.0) + (time.perf_counter() - t1) * 1000
+            t1 = time.perf_counter()
+            probs = [
+                self._p_yes_full(
+                    _token_fields(encs[-1]), q + suffix_tpl, temperature, mm_encoder_outputs={"image": features}
+                )
+                for q in task.closed_questions
+            ]
+            if probs:
+                timings["scoring_ms"] = (time.perf_counter() - t1) * 1000
+        caption = texts.pop(0) if task.caption_prompt is not None else None
+        return ImageAnnotation(caption, probs, texts, timings)
+
+
+def _fork(cache: Any) -> Any:
+    """A KV cache to continue without changing `cache`. A dynamic cache's layers grow by `torch.cat` into new
+    tensors, never in place, so a copy of its layer objects that shares their tensors is enough (a deep
+    copy cost more than the decoding step it feeds); any other cache is deep-copied."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+        return copy.deepcopy(cache)
+    fork = copy.copy(cache)
+    fork.layers = [copy.copy(layer) for layer in layers]
+    return fork
+
+
+@dataclass(eq=False)  # compared by identity
+class _Prefix:
+    """An image's tasks with their shared prefix encoded: what the tasks continue."""
+
+    task: ImageTask
+    gens: list[tuple[str, int]]  # the caption and open questions: (prompt, max_new_tokens)
+    encs: list[Any]  # every task's processed prompt (the generations', then the closed questions' prefix)
+    suffix_tpl: str  # what follows each closed question
+    p_len: int  # tokens all prompts share, cached
+    cache: Any
+    image_states: tuple[str, Any] | None  # IDEFICS: the image states the text attends to
+    rope_deltas: Any  # Qwen M-RoPE: the prefix's position delta
+    timings: dict[str, float]
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return dict([self.image_states]) if self.image_states is not None else {}
+
+
+def _stack_caches(caches: Sequence[Any], length: int) -> Any:
+    """One batch of single-row dynamic caches, each left-padded with zeros to `length` (the caller masks the
+    padding). The caches themselves are left as they are."""
+    import torch.nn.functional as F
+
+    stacked = _fork(caches[0])
+    for index, layer in enumerate(stacked.layers):
+        for name in ("keys", "values"):
+            rows = [getattr(c.layers[index], name) for c in caches]
+            setattr(layer, name, _torch().cat([F.pad(r, (0, 0, length - r.shape[-2], 0)) for r in rows], dim=0))
+    return stacked
+
+
+_NOT_PER_TOKEN = frozenset({"pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw"})
+
+
+def _per_token(key: str, value: Any, length: int) -> bool:
+    """Whether a processor output runs along the prompt's tokens (input_ids, attention_mask, token types;
+    IDEFICS' image_attention_mask) rather than describing the image."""
+    if key == "image_attention_mask":
+        return True
+    return key not in _NOT_PER_TOKEN and getattr(value, "dim", lambda: 0)() == 2 and value.shape[1] == length
+
+
+def _token_fields(enc: Any) -> dict[str, Any]:
+    """A processed prompt without its image inputs: what continues a cached (or pre-encoded) image."""
+    length = enc["input_ids"].shape[1]
+    return {k: v for k, v in enc.items() if _per_token(k, v, length)}
 
 
 def _cache_of(out: Any) -> Any:

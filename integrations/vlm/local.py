@@ -15,7 +15,14 @@ from typing import Any
 from integrations.errors import ConfigurationError
 from integrations.ports import AnnotationRequest, AnnotationResult, Answer, ModelInfo
 from integrations.vlm import prompts
-from integrations.vlm.engine import DEFAULT_STOP_STRINGS, Engine, EngineOptions, load_engine
+from integrations.vlm.engine import (
+    DEFAULT_STOP_STRINGS,
+    EncodeOnceEngine,
+    Engine,
+    EngineOptions,
+    ImageTask,
+    load_engine,
+)
 from integrations.vlm.tiny import build_tiny, tiny_info
 
 log = logging.getLogger(__name__)
@@ -94,6 +101,25 @@ def resolve_checkpoint(
     )
 
 
+def image_task(request: AnnotationRequest, image: Any) -> ImageTask:
+    """What the engine is asked about one image: the request's caption and questions in nightread's prompts
+    (the same prompts as the task-by-task path)."""
+    return ImageTask(
+        image=image,
+        caption_prompt=prompts.caption_prompt(request.context) if request.caption else None,
+        caption_max_new_tokens=request.caption_max_new_tokens,
+        closed_context=prompts.closed_prefix(request.context),
+        closed_questions=tuple(
+            prompts.closed_question(q.prompt or q.text) for q in request.questions if q.kind == "closed"
+        ),
+        open_questions=tuple(
+            (prompts.open_question(request.context, q.prompt or q.text), q.max_new_tokens)
+            for q in request.questions
+            if q.kind == "open"
+        ),
+    )
+
+
 class LocalAnnotator:
     """Runs the engine in this process."""
 
@@ -139,17 +165,47 @@ class LocalAnnotator:
     def model_info(self) -> ModelInfo:
         return self._info
 
+    @property
+    def encodes_once(self) -> bool:
+        """Whether each image's caption, closed and open questions share one vision encoding: the engine
+        has `annotate_images` and does not say `encode_once = False`."""
+        return isinstance(self.engine, EncodeOnceEngine) and getattr(self.engine, "encode_once", True) is not False
+
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[AnnotationResult]:
-        """Captions and closed questions for all `requests` in batched engine calls; open questions per image."""
+        """Every request's caption and questions: with one vision encoding per image where the engine can
+        (`encodes_once`), else captions and closed questions in batched engine calls, open questions per image."""
         from PIL import Image as PILImage
 
         images = [PILImage.open(io.BytesIO(r.image_png)).convert("RGB") for r in requests]
+        if isinstance(self.engine, EncodeOnceEngine) and self.encodes_once:
+            return self._annotate_encoded_once(self.engine, requests, images)
         captions = self._captions(requests, images)
         closed = self._closed(requests, images)
         return [
             self._one(r, image, captions.get(i), closed.get(i))
             for i, (r, image) in enumerate(zip(requests, images, strict=True))
         ]
+
+    def _annotate_encoded_once(
+        self, engine: EncodeOnceEngine, requests: Sequence[AnnotationRequest], images: list[Any]
+    ) -> list[AnnotationResult]:
+        tasks = [image_task(r, image) for r, image in zip(requests, images, strict=True)]
+        done = engine.annotate_images(tasks, temperature=self.temperature)
+        results = []
+        for request, (caption, probs, texts, timings) in zip(requests, done, strict=True):
+            closed = [q for q in request.questions if q.kind == "closed"]
+            opened = [q for q in request.questions if q.kind == "open"]
+            answers = {q.id: Answer(q.id, "yes" if p >= 0.5 else "no", p) for q, p in zip(closed, probs, strict=True)}
+            answers |= {q.id: Answer(q.id, text, None) for q, text in zip(opened, texts, strict=True)}
+            results.append(
+                AnnotationResult(
+                    caption=caption if request.caption else None,
+                    answers=[answers[q.id] for q in request.questions],  # in the bank's order
+                    prompt_version=prompts.PROMPT_VERSION,
+                    timings_ms=dict(timings),
+                )
+            )
+        return results
 
     def _closed(
         self, requests: Sequence[AnnotationRequest], images: list[Any]

@@ -134,3 +134,16 @@ def test_generation_ends_at_stop_strings(tiny_model):
         image, "Describe.", max_new_tokens=24
     )
     assert not set(common) & set(stopped)
+
+
+def test_vision_encoder_forwards_are_counted_by_a_hook(tiny_model):
+    from integrations.vlm.engine import VlmEngine
+
+    engine = VlmEngine(tiny_model)
+    assert engine.vision_tower is not None
+    start = engine.vision_runs
+    engine.generate(image(), "Describe.", max_new_tokens=2)
+    engine.p_yes_shared(image(), "A chest radiograph.", ["Is there an effusion?", "Is there a mass?"])
+    assert engine.vision_runs - start == 2  # one per call: the task-by-task path encodes the image per task
+    engine.annotate_image(image(), caption_prompt="Describe.", closed_questions=["Is there a mass?"])
+    assert engine.vision_runs - start == 3

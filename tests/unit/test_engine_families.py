@@ -142,3 +142,35 @@ def test_closed_questions_of_several_images_in_one_call_equal_one_at_a_time(fami
         alone, _ = engine.p_yes_shared(image, context, qs)
         assert max(abs(a - b) for a, b in zip(probs, alone, strict=True)) <= 1e-4
         assert "scoring_ms" in timings
+
+
+def test_one_vision_encoding_per_image_agrees_with_the_batched_task_by_task_path(family_model, monkeypatch):
+    """LocalAnnotator asks each image's caption and questions with one vision encoding (`annotate_images`);
+    with `encode_once` off it takes the batched task-by-task path. Both give the same answers."""
+    family, annotator = family_model
+    engine = annotator.engine
+    questions = (
+        ()
+        if family == "ved"
+        else (
+            Question("a", "Is there a pleural effusion?"),
+            Question("o", "What is shown?", kind="open", max_new_tokens=4),
+            Question("b", "Is there a pneumothorax?"),
+        )
+    )
+    requests = [
+        AnnotationRequest(png(6), ImageContext("DX", "CHEST", "PA"), questions, caption_max_new_tokens=6),
+        AnnotationRequest(png(7), ImageContext("CT", "CHEST"), questions, caption_max_new_tokens=6),
+    ]
+    assert annotator.encodes_once
+    start = engine.vision_runs
+    once = annotator.annotate(requests)
+    assert engine.vision_runs - start == len(requests)
+    monkeypatch.setattr(engine, "encode_once", False)
+    batched = annotator.annotate(requests)
+    for a, b in zip(once, batched, strict=True):
+        assert a.caption == b.caption
+        assert [x.text for x in a.answers] == [x.text for x in b.answers]
+        assert all(
+            x.p_yes == y.p_yes or abs(x.p_yes - y.p_yes) <= 1e-4 for x, y in zip(a.answers, b.answers, strict=True)
+        )
