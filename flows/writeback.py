@@ -15,8 +15,9 @@ Two kinds of report, never changed once written:
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from db.models import AppUser, Decision, Finding, Image, ModelVersion, Review, S
 from db.session import session_scope
 from flows.rules.questions import Coding, QuestionBank
 from flows.wiring.runtime import Runtime
+from flows.wiring.settings import NightreadSettings
 from integrations.errors import ConfigurationError, PermanentError
 from integrations.ports import WritableSource
 from integrations.sr import (
@@ -371,3 +373,19 @@ def write_verified_report(rt: Runtime, study_id: int, *, organization: str = DEF
         if written:
             log.info("study %d: verified SR %d written (predecessor %d)", study_id, row.id, latest.id)
     return counts
+
+
+def verified_reports_hook(settings: NightreadSettings) -> Callable[[int], None]:
+    """The review page's hook: when a study's last flagged finding is decided, its reports get a new,
+    verified version (`write_verified_report`), stored and written back like the first. One runtime for the
+    page's life, built at the first decision; one study at a time."""
+    built: list[Runtime] = []
+    lock = threading.Lock()
+
+    def on_study_decided(study_id: int) -> None:
+        with lock:
+            if not built:
+                built.append(Runtime.build(settings))
+            write_verified_report(built[0], study_id, organization=settings.review.verifying_organization)
+
+    return on_study_decided

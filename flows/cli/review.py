@@ -4,7 +4,7 @@ to a user audits itself (db.reviews); the actor is this command line's user."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -29,6 +29,7 @@ def build_review_app(settings: NightreadSettings, engine: Engine) -> Any:
     """The review app wired to `engine`, the configured object store and question bank."""
     from flows.rules.questions import load_bank
     from flows.wiring.runtime import build_store
+    from flows.writeback import verified_reports_hook
     from integrations.secrets import load_secret
     from review.app import ReviewConfig, create_app
 
@@ -50,30 +51,9 @@ def build_review_app(settings: NightreadSettings, engine: Engine) -> Any:
         api_docs=r.api_docs,
         api_docs_assets=r.api_docs_assets,
         hsts_max_age_s=r.hsts_max_age_s,
-        on_study_decided=verified_reports(settings) if r.verified_reports else None,
+        on_study_decided=verified_reports_hook(settings) if r.verified_reports else None,
     )
     return create_app(engine=engine, store=build_store(settings), config=config)
-
-
-def verified_reports(settings: NightreadSettings) -> Callable[[int], None]:
-    """The review page's hook: when a study's last flagged finding is decided, its reports get a new,
-    verified version (flows/writeback.py), stored and written back like the first. One runtime for the
-    page's life, built at the first decision; one study at a time."""
-    import threading
-
-    from flows.wiring.runtime import Runtime
-    from flows.writeback import write_verified_report
-
-    built: list[Runtime] = []
-    lock = threading.Lock()
-
-    def on_study_decided(study_id: int) -> None:
-        with lock:
-            if not built:
-                built.append(Runtime.build(settings))
-            write_verified_report(built[0], study_id, organization=settings.review.verifying_organization)
-
-    return on_study_decided
 
 
 @app.command()
