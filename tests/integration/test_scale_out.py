@@ -250,7 +250,7 @@ def test_a_worker_takes_urgent_work_before_the_nightly_and_the_nightly_before_ba
                 def all_done() -> bool:
                     return all(client.read_flow_run(i).state_type.value == "COMPLETED" for i in runs.values())
 
-                wait_until(all_done, timeout=300, what="the four probe runs", log=tmp_path / "worker.log")
+                wait_until(all_done, timeout=600, what="the four probe runs", log=tmp_path / "worker.log")
                 started = {label: client.read_flow_run(i).start_time for label, i in runs.items()}
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
