@@ -96,7 +96,8 @@ def deploy(*, pool: str = "nightread", timezone: str = "UTC", source: Path = SOU
         ensure_pool(client, pool)
     names = []
     for spec in DEPLOYMENTS:
-        flow: Any = Flow.from_source(source=str(source), entrypoint=spec.entrypoint)
+        # _sync: Prefect's async_dispatch hands back a coroutine when an event loop runs in this thread
+        flow: Any = Flow.from_source(source=str(source), entrypoint=spec.entrypoint, _sync=True)  # type: ignore[call-arg]
         flow.deploy(
             name=spec.name,
             work_pool_name=pool,
@@ -109,6 +110,7 @@ def deploy(*, pool: str = "nightread", timezone: str = "UTC", source: Path = SOU
             push=False,
             print_next_steps=False,
             ignore_warnings=True,
+            _sync=True,
         )
         names.append(f"{flow.name}/{spec.name}")
     return names

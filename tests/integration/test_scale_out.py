@@ -217,7 +217,8 @@ def test_a_worker_takes_urgent_work_before_the_nightly_and_the_nightly_before_ba
         with get_client(sync_client=True) as client:
             ensure_pool(client, "nightread")
         source = Path(__file__).resolve().parent / "prefect_probe"
-        probe: Any = Flow.from_source(source=str(source), entrypoint="probe.py:probe")
+        # _sync: Prefect's async_dispatch would hand back a coroutine when an event loop runs in this thread
+        probe: Any = Flow.from_source(source=str(source), entrypoint="probe.py:probe", _sync=True)  # type: ignore[call-arg]
         probe.deploy(
             name="probe",
             work_pool_name="nightread",
@@ -225,6 +226,7 @@ def test_a_worker_takes_urgent_work_before_the_nightly_and_the_nightly_before_ba
             push=False,
             print_next_steps=False,
             ignore_warnings=True,
+            _sync=True,
         )
         runs = {
             label: run_deployment(
