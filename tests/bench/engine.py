@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--naive-runs", type=int, default=2, help="the baseline is timed this many times (min)")
     parser.add_argument("--shared-runs", type=int, default=3, help="the shared path is timed this many times (min)")
-    parser.add_argument("--annotate-runs", type=int, default=3, help="P2b: each path is timed this many times (min)")
+    parser.add_argument("--annotate-runs", type=int, default=5, help="P2b: each path is timed this many times (min)")
     parser.add_argument("--short-runs", type=int, default=2, help="P2b with 1-token caption/answer: runs (0: skip)")
     args = parser.parse_args()
     import torch
@@ -262,7 +262,7 @@ def main() -> None:
                 f"{around['task_s'] / around['once_s']:.2f}; same text: {around['same_text']}",
                 flush=True,
             )
-        runs_per_image = cmp["vision_runs"]["once"] / 1
+        runs_per_image = cmp["vision_runs"]["once"] / 1  # one image
         print(f"P2b vision_runs_per_image={runs_per_image:.1f} annotate_speedup={cmp['task_s'] / cmp['once_s']:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
