@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: venv lock check-lock demo test lint clean fuzz bench-retrieval bench-triton bench-engine bench-render bench-receiver chaos deploy-check
+.PHONY: venv lock check-lock demo test lint clean fuzz bench-retrieval bench-triton bench-db bench-scale bench-engine bench-render bench-receiver chaos deploy-check
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,14 @@ bench-engine: venv
 
 bench-triton: venv
 	$(BIN)/python -m tests.bench.triton
+
+# Postgres seeded with 1,000 and 1,000,000 studies (about 7 GB on disk, 10-15 min): bookkeeping, queue, cohort
+bench-db: venv
+	$(BIN)/python -m tests.bench.db
+
+# the nightly over Prefect workers (a Prefect server, Orthanc, S3, Triton on loopback): 1 worker vs 2
+bench-scale: venv
+	$(BIN)/python -m tests.bench.scale
 
 # the fault harness: kills, outages and a faulty PACS during nightlies on Postgres + Orthanc + S3 + Triton;
 # prints figures (last lines R1, R2, R3), asserts nothing; NIGHTREAD_CHAOS_STUDIES scales it (default 20)

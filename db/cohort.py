@@ -21,7 +21,7 @@ that. Question ids are checked against the known ones (the question bank and the
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,12 +29,13 @@ from sqlalchemy import ColumnElement, and_, case, exists, false, not_, or_, sele
 from sqlmodel import col
 
 from db.models import Decision, Finding, Image, Study
-from db.reviews import latest_decisions
+from db.reviews import latest_review
 
 Unit = Literal["study", "image"]
 OPS = (">=", "<=", "!=", ">", "<", "=")
 STATES = ("pending", "confirmed", "rejected", "corrected", "reviewed")
 FIELDS = ("modality", "body_part", "view", "study_date", "model_version", "flagged", "review")
+KEYWORDS = frozenset({"and", "or", "not", "in", "yes", "no"})
 MAX_LENGTH = 2000  # characters of an expression
 MAX_DEPTH = 20  # parentheses and `not`s nested in one another
 MAX_TERMS = 50  # terms (each one a subquery)
@@ -91,7 +92,6 @@ class _Parser:
         self.depth = 0
         self.terms = 0
         self.ctx = ctx
-        self.decided = latest_decisions()  # each finding's latest confirm/reject/correct (db.reviews)
 
     # --- token helpers -----------------------------------------------------------------------------
     def peek(self, offset: int = 0) -> Token | None:
@@ -220,7 +220,7 @@ class _Parser:
             )
         if value.kind == "word" and value.text.lower() in ("yes", "no") and op in ("=", "!="):
             answer = value.text.lower()
-            current = current_answer(self.decided)
+            current = current_answer()
             cond = current == answer if op == "=" else current != answer
             return self.findings_exist(col(Finding.question_id) == name, cond)
         raise CohortSyntaxError(
@@ -241,7 +241,7 @@ class _Parser:
         state = state_tok.text.lower()
         if state not in STATES:
             raise CohortSyntaxError(f"unknown review state {state_tok.text!r}: use one of {', '.join(STATES)}")
-        decision = self.decided.c.decision
+        decision = latest_review()  # each finding's latest confirm/reject/correct (db.reviews)
         if state == "pending":
             cond: ColumnElement[bool] = decision.is_(None)
         elif state == "reviewed":
@@ -278,9 +278,7 @@ class _Parser:
             scope.append(col(Finding.study_id) == Study.id)
         else:
             scope.append(col(Finding.image_id) == Image.id)
-        return exists(
-            select(col(Finding.id)).outerjoin(self.decided, self.decided.c.finding_id == Finding.id).where(and_(*scope))
-        )
+        return exists(select(col(Finding.id)).where(and_(*scope)))
 
     def images_exist(self, cond: ColumnElement[bool]) -> ColumnElement[bool]:
         if self.ctx.unit == "image":
@@ -300,14 +298,24 @@ def _compare(column: Any, op: str, value: Any) -> ColumnElement[bool]:
     return ops[op](column, value)
 
 
-def current_answer(decided: Any) -> Any:
-    """The answer after review (`decided`: db.reviews.latest_decisions(), joined to the finding):
-    corrected → the correction; rejected → the other one; else the model's."""
+def current_answer() -> Any:
+    """The answer of a finding (correlated with `Finding`) after review: corrected → the correction;
+    rejected → the other one; else the model's."""
+    decision = latest_review()
     return case(
-        (decided.c.decision == Decision.CORRECT, decided.c.to_answer),
-        (decided.c.decision == Decision.REJECT, case((col(Finding.answer) == "yes", "no"), else_="yes")),
+        (decision == Decision.CORRECT, latest_review("to_answer")),
+        (decision == Decision.REJECT, case((col(Finding.answer) == "yes", "no"), else_="yes")),
         else_=col(Finding.answer),
     )
+
+
+def stored_questions(session: Any, names: Iterable[str]) -> set[str]:
+    """Those of `names` that some finding answers (one index lookup each, never a scan of the findings)."""
+    return {
+        name
+        for name in names
+        if session.execute(select(col(Finding.id)).where(col(Finding.question_id) == name).limit(1)).first()
+    }
 
 
 def parse_where(
@@ -344,9 +352,10 @@ def run_cohort(
 ) -> CohortResult:
     """The studies (or images) matching `where`, one row each, with each question's P(yes) (the
     highest over the unit's images) and answer after review, for the chosen model version (or all)."""
-    from sqlmodel import select as sm_select
-
-    known = set(known_questions) | set(session.exec(sm_select(Finding.question_id).distinct()).all())
+    # questions stored but not in the bank count too: looked up for the words of the expression only
+    words = {t.text.lower() for t in tokenize(where) if t.kind == "word"} if len(where) <= MAX_LENGTH else set()
+    known = set(known_questions)
+    known |= stored_questions(session, sorted(words - known - set(FIELDS) - set(STATES) - KEYWORDS))
     cond = parse_where(where, unit=unit, model_version_id=model_version_id, known_questions=sorted(known))
     query: Any
     if unit == "study":
@@ -361,12 +370,8 @@ def run_cohort(
     fscope: list[ColumnElement[bool]] = [key.in_(ids) if ids else false()]
     if model_version_id is not None:
         fscope.append(col(Finding.model_version_id) == model_version_id)
-    decided = latest_decisions()
     frows = session.execute(
-        select(Finding, current_answer(decided).label("current"))
-        .outerjoin(decided, decided.c.finding_id == Finding.id)
-        .where(and_(*fscope))
-        .order_by(col(Finding.id))
+        select(Finding, current_answer().label("current")).where(and_(*fscope)).order_by(col(Finding.id))
     ).all()
     per: dict[int, dict[str, Any]] = {i: {} for i in ids}
     questions: set[str] = set()

@@ -4,10 +4,15 @@ A model with a fixed service time per batch stands in for a GPU (tests/bench/sle
 by the tritonserver binary of the nvidia-pytriton wheel on free loopback ports.
 
 (a) throughput with dynamic batching on vs off at the same client concurrency (same requests);
-(b) the nightly flow end to end (sample PACS → render → Triton → SQLite) in images/s, divided by the
-    server's ceiling (max batch / service time).
+(b) the nightly flow end to end (sample PACS → render → Triton → SQLite): how busy it keeps the server.
+    The server counts requests, not images: a CT slice is rendered (and sent) once per window its
+    questions need, so a run sends more requests than it renders images. Saturation is therefore the
+    server's request rate over the run ÷ its request ceiling (max batch / service time per batch);
+    beside it, the share of the run's wall time the model was executing (its busy time, from Triton's
+    statistics API: the compute time of every batch), and the images/s the flow rendered.
 
-Run: `make bench-triton`. Last line: `P3 saturation=<b> batching_gain=<a>`. Nothing is asserted.
+Run: `make bench-triton`. Last line: `P3 saturation=<b> batching_gain=<a> busy=<share> images_per_s=<x>
+requests_per_s=<y>`. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import io
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +64,8 @@ def throughput(url: str, model: str, *, requests: int, in_flight: int) -> float:
         return requests / (time.perf_counter() - t0)
 
 
-def nightly_images_per_s(url: str, *, copies: int, concurrency: int, work: Path) -> tuple[float, int]:
+def nightly_run(url: str, *, copies: int, concurrency: int, work: Path) -> tuple[float, int]:
+    """The nightly over `copies` × 5 sample studies against Triton at `url`: (wall seconds, images rendered)."""
     from prefect.testing.utilities import prefect_test_harness
 
     from db.migrate import upgrade
@@ -80,14 +87,33 @@ def nightly_images_per_s(url: str, *, copies: int, concurrency: int, work: Path)
         t0 = time.perf_counter()
         result = run_nightly(settings)
         wall = time.perf_counter() - t0
-    return result["rendered"] / wall, int(result["rendered"])
+    return wall, int(result["rendered"])
 
 
-def batch_stats(server: TritonServer, model: str) -> tuple[float, float]:
-    """(requests, executions) of `model` so far, from Triton's metrics endpoint."""
+@dataclass(frozen=True)
+class ServerStats:
+    """What the server did for one model so far."""
+
+    requests: int  # successful inference requests (one per image rendering sent)
+    executions: int  # model executions (batches)
+    busy_s: float  # time the model was executing batches (compute input + infer + output of every batch)
+    compute_metric_s: float  # nv_inference_compute_infer_duration_us: summed per request, so a batch counts n times
+
+
+def server_stats(server: TritonServer, model: str) -> ServerStats:
+    """`model`'s counts from Triton's statistics API (per batch) and its metrics endpoint (per request)."""
+    import json
     import re
     import urllib.request
 
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats", timeout=10) as r:
+        stats = json.load(r)["model_stats"]
+    busy_ns = sum(
+        int(b[part]["ns"])
+        for m in stats
+        for b in m.get("batch_stats", [])
+        for part in ("compute_input", "compute_infer", "compute_output")
+    )
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
 
@@ -95,7 +121,12 @@ def batch_stats(server: TritonServer, model: str) -> tuple[float, float]:
         pattern = rf'^{name}{{model="{model}"[^}}]*}} (\S+)$'
         return sum(float(m.group(1)) for m in re.finditer(pattern, text, re.M))
 
-    return total("nv_inference_request_success"), total("nv_inference_exec_count")
+    return ServerStats(
+        requests=int(total("nv_inference_request_success")),
+        executions=int(total("nv_inference_exec_count")),
+        busy_s=busy_ns / 1e9,
+        compute_metric_s=total("nv_inference_compute_infer_duration_us") / 1e6,
+    )
 
 
 def main() -> None:
@@ -136,26 +167,42 @@ def main() -> None:
         with TritonServer(
             repository=repo, work_dir=work / "c", env={**env, "NIGHTREAD_SLEEP_MS": "1"}, **ports
         ) as server:
-            capacity, _ = nightly_images_per_s(
+            wall, images = nightly_run(
                 server.grpc_url, copies=args.copies // 2, concurrency=args.concurrency, work=work / "capacity"
             )
-        print(f"    the pipeline's own capacity (1 ms per batch): {capacity:.2f} images/s", flush=True)
+            stats = server_stats(server, "nightread_sleep")
+        print(
+            f"    the pipeline's own capacity (1 ms per batch): {images / wall:.2f} images/s, "
+            f"{stats.requests / wall:.2f} requests/s",
+            flush=True,
+        )
         ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
         with TritonServer(
             repository=repo, work_dir=work / "b", env={**env, "NIGHTREAD_SLEEP_MS": str(args.flow_service_ms)}, **ports
         ) as server:
-            images_per_s, images = nightly_images_per_s(
-                server.grpc_url, copies=args.copies, concurrency=args.concurrency, work=work
-            )
-            requests, executions = batch_stats(server, "nightread_sleep")
-        ceiling = MAX_BATCH / args.flow_service_ms * 1000
+            wall, images = nightly_run(server.grpc_url, copies=args.copies, concurrency=args.concurrency, work=work)
+            stats = server_stats(server, "nightread_sleep")
+        ceiling = MAX_BATCH / args.flow_service_ms * 1000  # requests/s
+        requests_per_s = stats.requests / wall
+        saturation, busy = requests_per_s / ceiling, stats.busy_s / wall
         print(
-            f"(b) nightly flow, {images} images, {args.flow_service_ms:g} ms per batch of {MAX_BATCH}: "
-            f"{images_per_s:.2f} images/s of a {ceiling:.2f} images/s ceiling; mean batch "
-            f"{requests / max(executions, 1):.1f} ({requests:.0f} requests in {executions:.0f} executions)",
+            f"(b) nightly flow, {images} images as {stats.requests} requests in {wall:.0f} s, "
+            f"{args.flow_service_ms:g} ms per batch of {MAX_BATCH}: {requests_per_s:.2f} requests/s of a "
+            f"{ceiling:.2f} requests/s ceiling ({saturation:.2f}); {images / wall:.2f} images/s",
             flush=True,
         )
-        print(f"P3 saturation={images_per_s / ceiling:.2f} batching_gain={on / off:.2f}")
+        print(
+            f"    the server executed {stats.executions} batches (mean {stats.requests / max(stats.executions, 1):.1f} "
+            f"requests) for {stats.busy_s:.0f} s of the {wall:.0f} s run: busy {busy:.2f} "
+            f"({stats.executions} x {args.flow_service_ms / 1000:g} s = "
+            f"{stats.executions * args.flow_service_ms / 1000:.0f} s; per-request compute metric "
+            f"{stats.compute_metric_s:.0f} s)",
+            flush=True,
+        )
+        print(
+            f"P3 saturation={saturation:.2f} batching_gain={on / off:.2f} busy={busy:.2f} "
+            f"images_per_s={images / wall:.2f} requests_per_s={requests_per_s:.2f}"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
