@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -423,7 +424,7 @@ def bookkeeping(engine: Any, *, first: int, count: int, sh: Shapes) -> float:
     with session_scope(engine) as s:  # discovery registers what the PACS answered, in one transaction
         repo.register_studies(session=s, source_id=1, studies=[ref for ref, *_ in batch])
     with session_scope(engine) as s:
-        pending = {st.study_instance_uid: st.id for st in ledger.pending(session=s, max_attempts=3)}
+        pending = {st.study_instance_uid: st.id or 0 for st in ledger.pending(session=s, max_attempts=3)}
     owner = ledger.lease_owner()
     for ref, _modality, renderings, views in batch:
         study_id = pending[ref["study_instance_uid"]]
@@ -691,16 +692,11 @@ def main() -> None:
                 for count_limit in (COUNT_LIMIT, None):
                     explain(
                         engine,
-                        lambda engine=engine, count_limit=count_limit: queue_page(engine, sh, count_limit=count_limit),
+                        partial(queue_page, engine, sh, count_limit=count_limit),
                         title=f"{size:,} queue (count_limit {count_limit})",
                         say=say,
                     )
-                explain(
-                    engine,
-                    lambda engine=engine: cohort(engine, sh, limit=args.cohort_limit),
-                    title=f"{size:,} cohort",
-                    say=say,
-                )
+                explain(engine, partial(cohort, engine, sh, limit=args.cohort_limit), title=f"{size:,} cohort", say=say)
         small, large = figures[min(args.sizes)], figures[max(args.sizes)]
 
         def ratio(name: str) -> float:

@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -149,7 +150,7 @@ def main() -> None:
         repo = prepare_repository(
             REPO / "tests" / "bench" / "triton_repository", work / "repo", instance_count=1, instance_kind="KIND_CPU"
         )
-        ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+        ports: dict[str, Any] = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
         with TritonServer(
             repository=repo, work_dir=work / "a", env={**env, "NIGHTREAD_SLEEP_MS": str(args.service_ms)}, **ports
         ) as server:
