@@ -14,13 +14,15 @@ import shutil
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from pydicom import Dataset
+from sqlalchemy import text
 
 from db import ledger
 from db import repository as repo
@@ -43,6 +45,7 @@ from integrations.ports import AnnotationRequest, ImageContext, Question, Retrie
 from integrations.query import uid_hash
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ANNOTATE_BATCH = 8  # images per annotator call within a study; results are committed per call
 
@@ -378,6 +381,21 @@ def check_promoted(rt: Runtime) -> int:
     return model_version_id
 
 
+def _through_outages(rt: Runtime, step: Callable[[], T]) -> T:
+    """`step()` (a task, safe to run again), run again once the database answers when it failed because
+    the database could not be reached: a task's own retries are seconds apart, a database restart or
+    failover takes longer, and it must not cost the study an attempt. Waits up to `database.outage_s`."""
+    deadline = time.monotonic() + rt.settings.database.outage_s
+    while True:
+        try:
+            return step()
+        except Exception as exc:
+            if not is_disconnect(exc) or rt.stopping.is_set() or time.monotonic() > deadline:
+                raise
+            get_run_logger().warning("the database could not be reached: waiting for it, then again")
+            rt.record(lambda session: session.execute(text("SELECT 1")))  # returns once it answers
+
+
 @task(name="process-study", cache_policy=NO_CACHE)
 def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, int]:
     """One study end to end, its state kept by the ledger. Never raises for the study's own problems:
@@ -409,25 +427,32 @@ def process_study(rt: Runtime, study_id: int, run_id: int | None) -> dict[str, i
             attempt_started = True
             lease = LeaseKeeper(rt, study_id, owner).start()
             workdir = rt.work_dir(f"study-{study_id}")
-            retrieved = retrieve_study.with_options(
-                retries=flow_settings.retries, retry_delay_seconds=flow_settings.retry_delay_s
-            )(rt, study_id, workdir / "dicom")
+            dest = workdir / "dicom"
+            retrieved = _through_outages(
+                rt,
+                lambda: retrieve_study.with_options(
+                    retries=flow_settings.retries, retry_delay_seconds=flow_settings.retry_delay_s
+                )(rt, study_id, dest),
+            )
             counts["retrieved"] += 1
             counts["instances"] += len(retrieved.files)
             rt.check_stop()
-            rendered = render_study(rt, study_id, retrieved, run_id)
+            rendered = _through_outages(rt, lambda: render_study(rt, study_id, retrieved, run_id))
         image_ids = rendered.pop("image_ids")
         sources = rendered.pop("sources")
         counts.update(rendered)
         rt.check_stop()
-        model_version_id = ensure_model_version(rt)
+        model_version_id = _through_outages(rt, lambda: ensure_model_version(rt))
         counts.update(
-            annotate_images.with_options(
-                retries=flow_settings.retries, retry_delay_seconds=flow_settings.retry_delay_s
-            )(rt, study_id, image_ids, model_version_id)
+            _through_outages(
+                rt,
+                lambda: annotate_images.with_options(
+                    retries=flow_settings.retries, retry_delay_seconds=flow_settings.retry_delay_s
+                )(rt, study_id, image_ids, model_version_id),
+            )
         )
         rt.check_stop()
-        counts.update(_report(rt, study_id, model_version_id, sources, run_id))
+        counts.update(_through_outages(rt, lambda: _report(rt, study_id, model_version_id, sources, run_id)))
         if rt.settings.fhir.enabled:  # its own failures are recorded there; fhir.resources loads only when on
             from flows.fhir_export import export_study_fhir
 

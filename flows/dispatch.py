@@ -63,22 +63,21 @@ def dispatch_studies(
     """Submit the studies as annotate-studies runs and wait until each is done, failed, or out of
     attempts (see the module docstring). A stop ends the waiting; submitted runs carry on by themselves."""
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
 
     flow_settings = rt.settings.flow
     todo: deque[list[int]] = deque(batches(study_ids, flow_settings.studies_per_run))
     in_flight: dict[UUID, list[int]] = {}
     counts: Counter[str] = Counter()
     with get_client(sync_client=True) as client:
+        # the sync client, not run_deployment: that hands back a coroutine where an event loop runs
+        deployment_id = client.read_deployment_by_name(DEPLOYMENT).id
         while todo or in_flight:
             while todo and len(in_flight) < flow_settings.runs_in_flight and not rt.stopping.is_set():
                 batch = todo.popleft()
-                run: Any = run_deployment(  # a FlowRun (called synchronously)
-                    DEPLOYMENT,
+                run = client.create_flow_run_from_deployment(
+                    deployment_id,
                     parameters={"study_ids": batch, "run_id": run_id},
-                    timeout=0,
                     work_queue_name=work_queue,
-                    as_subflow=False,
                     tags=["nightread"],
                 )
                 in_flight[run.id] = batch

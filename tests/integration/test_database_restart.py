@@ -1,6 +1,7 @@
 """A Postgres restart in the middle of a nightly: the run does not end with it. Bookkeeping waits for the
-database (`database.outage_s`), tasks retry a lost connection as transient, and after one more run every
-study is done, annotated once, with nothing lost or duplicated."""
+database (`database.outage_s`), and so does a study whose task failed for a lost connection past the
+task's own retries (then the task goes again): the run finishes every study, each annotated once, on its
+first attempt, with nothing lost or duplicated."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from db.session import is_disconnect, make_engine, while_unreachable
 from flows.nightly import run_nightly
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-OUTAGE_S = 4.0  # how long the database stays down: longer than a task's retries (3 × 0.5 s)
+OUTAGE_S = 4.0  # how long the database stays down: longer than a task's own retries (3 × 0.5 s)
 
 
 def poll(condition, what: str, timeout_s: float = 120) -> None:  # type: ignore[no-untyped-def]
@@ -98,17 +99,19 @@ def test_a_postgres_restart_mid_run_loses_nothing(  # type: ignore[no-untyped-de
     assert restarts, "the database was restarted during the run"
     assert restarts[0] < 5, "the restart came while studies were still to do"
     assert first["pending"] == 5
-    second = run_nightly(settings)  # whatever the restart left incomplete
+    assert not first.get("studies_failed"), "the restart cost no study an attempt"
+    second = run_nightly(settings)
+    assert second["pending"] == 0, "the first run finished every study"
     with Session(engine) as session:
         statuses = list(session.exec(select(Study.status)).all())
+        attempts = list(session.exec(select(Study.attempts)).all())
         runs = session.exec(select(Run).order_by(Run.id)).all()
         findings = session.exec(select(Finding)).all()
     assert sorted(statuses) == ["done"] * 5, statuses
-    assert [r.status for r in runs] in (
-        ["completed", "completed"],
-        ["completed_with_failures", "completed"],
-    ), "neither run ended with the restart"
+    assert attempts == [1] * 5, attempts
+    # the sample PACS's study 2 holds two instances that cannot be rendered: "with failures" is its doing
+    assert runs[0].status in ("completed", "completed_with_failures"), "the run did not end"
     keys = [(f.image_id, f.model_version_id, f.question_id, f.bank_version) for f in findings]
     assert len(keys) == len(set(keys)) == 6 * 8 + 3 * 3 + 3 * 3, "every finding once"
-    assert first["studies_done"] + second["studies_done"] == 5
+    assert first["studies_done"] == 5
     engine.dispose()

@@ -207,7 +207,6 @@ def test_a_worker_takes_urgent_work_before_the_nightly_and_the_nightly_before_ba
     them): one worker taking one run at a time starts them urgent first, backfill last."""
     from prefect import Flow
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.deployments import ensure_pool
@@ -228,12 +227,15 @@ def test_a_worker_takes_urgent_work_before_the_nightly_and_the_nightly_before_ba
             ignore_warnings=True,
             _sync=True,
         )
-        runs = {
-            label: run_deployment(
-                "probe/probe", parameters={"label": label}, timeout=0, work_queue_name=queue, as_subflow=False
-            ).id
-            for label, queue in (("b1", "backfill"), ("n1", "nightly"), ("u1", "urgent"), ("b2", "backfill"))
-        }
+        # the sync client, not run_deployment: that dispatches to its async twin inside a running event loop
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("probe/probe")
+            runs = {
+                label: client.create_flow_run_from_deployment(
+                    deployment.id, parameters={"label": label}, work_queue_name=queue
+                ).id
+                for label, queue in (("b1", "backfill"), ("n1", "nightly"), ("u1", "urgent"), ("b2", "backfill"))
+            }
         worker = subprocess.Popen(
             [PREFECT, "worker", "start", "--pool", "nightread", "--type", "process", "--limit", "1"],
             env={
