@@ -37,13 +37,19 @@ class ResolvedCheckpoint:
     note: str = ""
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+TEXT_SUFFIXES = (".json", ".jinja", ".py", ".txt", ".model")  # config, template, remote code, vocabularies
+
+
 def _folder_revision(folder: Path) -> str:
-    """A content hash of a local checkpoint's config and weights index (cheap, stable)."""
+    """A content hash of a local checkpoint: its configs, chat template, modeling code (remote code runs, so
+    a change to it is a new revision), vocabularies, and each weights file's size and first MiB (cheap,
+    stable)."""
     h = hashlib.sha256()
-    for name in sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors", ".jinja")):
+    for name in sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES + TEXT_SUFFIXES):
         path = folder / name
         h.update(name.encode())
-        if path.suffix == ".safetensors":
+        if path.suffix in WEIGHT_SUFFIXES:
             h.update(str(path.stat().st_size).encode())
             with path.open("rb") as fh:
                 h.update(fh.read(1 << 20))
@@ -144,6 +150,8 @@ class LocalAnnotator:
                     if engine.options.stop_strings != DEFAULT_STOP_STRINGS
                     else {}
                 ),
+                # P(yes) = sigmoid(logit difference / temperature): a calibration, part of what made a finding
+                **({"temperature": repr(float(temperature))} if temperature != 1.0 else {}),
             },
             offline_stand_in=offline_stand_in,
         )

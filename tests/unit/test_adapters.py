@@ -88,3 +88,37 @@ def test_qido_paging_goes_on_past_short_pages():
         return answers[:2]
 
     assert web._paged("QIDO-RS", ignores_offset) == answers[:2]
+
+
+def test_a_temperature_other_than_one_is_recorded(tiny_model):
+    engine = VlmEngine(tiny_model)
+    plain = LocalAnnotator(engine, name="m", revision="r")
+    calibrated = LocalAnnotator(engine, name="m", revision="r", temperature=1.7)
+    request = AnnotationRequest(png(), ImageContext("DX", "CHEST"), (Question("q", "Is there a mass?"),), caption=False)
+    (a,) = plain.annotate([request])
+    (b,) = calibrated.annotate([request])
+    assert a.answers[0].p_yes != pytest.approx(b.answers[0].p_yes, abs=1e-6)
+    assert calibrated.model_info.options["temperature"] == "1.7"
+    assert "temperature" not in plain.model_info.options
+
+
+def test_a_local_checkpoints_revision_follows_its_code_config_and_weights(tmp_path):
+    def revision() -> str:
+        return resolve_checkpoint(
+            str(tmp_path), revision=None, cache_dir=tmp_path, offline_fallback=False, tiny_family="smolvlm"
+        ).revision
+
+    (tmp_path / "config.json").write_text('{"model_type": "x"}')
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 64)
+    (tmp_path / "modeling_x.py").write_text("A = 1\n")
+    first = revision()
+    (tmp_path / "README.md").write_text("notes")
+    assert revision() == first, "a README is not the model"
+    (tmp_path / "modeling_x.py").write_text("A = 2\n")  # remote code runs: a change is a new revision
+    second = revision()
+    assert second != first
+    (tmp_path / "model.safetensors").write_bytes(b"\1" * 64)
+    third = revision()
+    assert third != second
+    (tmp_path / "config.json").write_text('{"model_type": "y"}')
+    assert revision() != third
