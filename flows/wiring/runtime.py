@@ -150,13 +150,15 @@ def build_annotator(settings: NightreadSettings) -> tuple[Annotator, str]:
         torch.set_num_threads(inf.threads)
     from integrations.vlm.engine import EngineOptions, remote_code_allowed
     from integrations.vlm.local import LocalAnnotator, resolve_checkpoint
+    from integrations.vlm.plugins import PLUGIN_BUILDERS
 
     resolved = resolve_checkpoint(
         inf.model,
         revision=inf.revision,
         cache_dir=settings.data_dir / "models",
         offline_fallback=inf.offline_fallback,
-        tiny_family=inf.tiny_family,
+        # a seed plugin's offline stand-in is that plugin's tiny build (a SmolVLM could not load in it)
+        tiny_family=inf.engine if inf.engine in PLUGIN_BUILDERS else inf.tiny_family,
         hub_timeout_s=inf.hub_timeout_s,
     )
     options = EngineOptions(

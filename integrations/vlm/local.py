@@ -91,9 +91,11 @@ def resolve_checkpoint(
         reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     if not offline_fallback:
         raise ConfigurationError(f"model {model!r} cannot be loaded (not cached, hub unreachable: {reason})")
+    from integrations.vlm.plugins import PLUGIN_BUILDERS, build_tiny_plugin
+
     folder = cache_dir / f"tiny-{tiny_family}"
-    if tiny_info(folder) is None:
-        build_tiny(tiny_family, folder)
+    if tiny_info(folder) is None:  # a seed plugin's stand-in has that plugin's architecture
+        (build_tiny_plugin if tiny_family in PLUGIN_BUILDERS else build_tiny)(tiny_family, folder)
     note = (
         f"model {model!r} could not be loaded (no network and not cached); using a tiny randomly "
         f"initialised {tiny_family} model instead: its answers mean nothing"

@@ -87,6 +87,33 @@ def test_settings_select_the_plugin_and_it_annotates(plugin, make_settings):
     assert note == ""
 
 
+def test_offline_a_plugins_stand_in_is_its_own_tiny_build(make_settings, tmp_path):
+    """A hub id that cannot be reached, offline fallback on: the stand-in is the plugin's own architecture
+    (a SmolVLM could not load in it), built once, labelled as a stand-in."""
+    from flows.wiring.runtime import build_annotator
+
+    settings = make_settings(
+        data_dir=tmp_path,
+        inference={
+            "engine": "tinyllava",
+            "model": "nobody/no-such-sigphi-med",
+            "offline_fallback": True,
+            "hub_timeout_s": 1,
+        },
+    )
+    annotator, note = build_annotator(settings)
+    assert annotator.model_info.options["family"] == "tinyllava"
+    assert annotator.model_info.name == "tiny-random-tinyllava"
+    assert annotator.model_info.offline_stand_in
+    assert "tinyllava" in note
+    assert "its answers mean nothing" in note
+    (result,) = annotator.annotate(
+        [AnnotationRequest(png(2), ImageContext("DX", "CHEST"), (Question("a", "Is there a mass?"),), caption=False)]
+    )
+    assert 0.0 <= (result.answers[0].p_yes or 0.0) <= 1.0
+    assert (tmp_path / "models" / "tiny-tinyllava" / "nightread_tiny.json").is_file()
+
+
 def test_prefix_shared_scoring_matches_a_full_forward(plugin):
     name, folder = plugin
     engine = engine_of(name, folder)
