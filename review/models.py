@@ -54,8 +54,10 @@ class QueueItemPublic(_Public):
 
 
 class QueueCounts(_Public):
-    """Counts over the whole queue, whatever the filters: flagged findings, closed findings by review state."""
+    """Counts over the whole queue, whatever the filters: flagged findings, closed findings by review state.
+    Each is counted up to 1,000 only (`counted_to`): 1,001 means more than 1,000."""
 
+    counted_to: int = Field(description="each count is counted this far: one above it means more")
     flagged: int
     pending: int
     confirmed: int
@@ -65,9 +67,12 @@ class QueueCounts(_Public):
 
 class QueuePage(_Public):
     items: list[QueueItemPublic]
-    total: int = Field(description="findings matching the filters (every page)")
+    total: int = Field(
+        description="findings matching the filters, counted up to this page and 1,000 past it (see `more`)"
+    )
+    more: bool = Field(description="more findings match than `total` (they were not counted)")
     page: int
-    pages: int
+    pages: int = Field(description="the pages `total` fills; more follow when `more`")
     counts: QueueCounts
 
 

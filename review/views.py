@@ -21,6 +21,10 @@ QUEUE_STATES = ("pending", "confirmed", "rejected", "corrected", "any")
 QUEUE_ORDERS = ("critical", "uncertain")
 MAX_PAGE = 100_000
 MAX_PAGE_SIZE = 500
+# the queue's total and counts are counted this far (past the page asked for), never to the end: an exact
+# count reads every pending finding (ten million in a year of a big hospital's studies: seconds a page), a
+# capped one costs the same at any size (docs/benchmarks.md, P5). More than that shows as "1,000+".
+COUNT_LIMIT = 1000
 
 
 def queue_filter(params: Mapping[str, str]) -> tuple[reviews.QueueFilter, reviews.Order]:
@@ -62,16 +66,24 @@ def queue_query_string(params: Mapping[str, str]) -> str:
 @dataclass(frozen=True)
 class QueueView:
     items: list[reviews.QueueItem]
-    total: int
+    total: int  # counted up to `total_counted_to`; more when `more`
+    more: bool
     page: int
-    pages: int
-    counts: dict[str, int]
+    pages: int  # the pages `total` fills (more follow when `more`)
+    counts: dict[str, int]  # each counted up to COUNT_LIMIT + 1: more than COUNT_LIMIT when above it
     order: reviews.Order
     flt: reviews.QueueFilter
 
     def context(self) -> dict[str, Any]:
-        """The template variables (items, total, page, pages, counts, order, flt)."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        """The template variables (items, total, more, page, pages, counts, order, flt, and `shown`: a count
+        as the page prints it)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__} | {"shown": shown_count}
+
+
+def shown_count(n: int, limit: int | None = None, more: bool = False) -> str:
+    """A count as the page prints it: "1,000+" past the limit it was counted to (COUNT_LIMIT by default)."""
+    limit = COUNT_LIMIT if limit is None else limit
+    return f"{limit:,}+" if more or n > limit else f"{n:,}"
 
 
 def queue_view(
@@ -79,15 +91,25 @@ def queue_view(
 ) -> QueueView:
     """One page (`size` findings) of the queue as the parameters filter and order it."""
     flt, order = queue_filter(params)
-    items, total = reviews.queue(
-        session=session, flt=flt, order=order, critical_ids=critical_ids, offset=(page - 1) * size, limit=size
+    offset = (page - 1) * size
+    counted_to = offset + size + COUNT_LIMIT  # this page and COUNT_LIMIT findings past it
+    items, counted = reviews.queue(
+        session=session,
+        flt=flt,
+        order=order,
+        critical_ids=critical_ids,
+        offset=offset,
+        limit=size,
+        count_limit=counted_to,
     )
+    total = min(counted, counted_to)
     return QueueView(
         items=items,
         total=total,
+        more=counted > counted_to,
         page=page,
         pages=max(1, -(-total // size)),
-        counts=reviews.queue_counts(session=session),
+        counts=reviews.queue_counts(session=session, count_limit=COUNT_LIMIT),
         order=order,
         flt=flt,
     )

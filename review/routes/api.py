@@ -32,7 +32,7 @@ from review.models import (
     StudyPublic,
     Token,
 )
-from review.views import MAX_PAGE, MAX_PAGE_SIZE, queue_view, study_view
+from review.views import COUNT_LIMIT, MAX_PAGE, MAX_PAGE_SIZE, queue_view, study_view
 
 UNAUTHENTICATED: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "no valid bearer token or session cookie"}
@@ -117,9 +117,10 @@ def api_queue(
     return QueuePage(
         items=[QueueItemPublic.model_validate(i, from_attributes=True) for i in view.items],
         total=view.total,
+        more=view.more,
         page=view.page,
         pages=view.pages,
-        counts=QueueCounts.model_validate(view.counts),
+        counts=QueueCounts.model_validate({**view.counts, "counted_to": COUNT_LIMIT}),
     )
 
 

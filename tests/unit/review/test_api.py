@@ -197,3 +197,31 @@ def test_refusals_map_to_their_status(env):
     with session_scope(env[0]) as session:
         finding = seeded.finding_ids["pneumothorax"]
         assert reviews.finding_states(session=session, finding_ids=[finding])[finding] == ("pending", None)
+
+
+def test_totals_and_counts_stop_at_the_count_limit(env, monkeypatch):
+    """Past COUNT_LIMIT findings (beyond the page asked for) the queue is not counted to its end: the API
+    says `more`, the page prints "N+" and still offers the next page."""
+    import review.routes.api as api_routes
+    import review.views as views
+
+    _, _, app = env
+    client = TestClient(app)
+    assert login(client, "rita").status_code == 303
+    headers = {"X-CSRF-Token": "unused"}  # reads need no CSRF header
+    exact = client.get("/api/queue?page_size=2", headers=headers).json()
+    assert (exact["total"], exact["more"], exact["pages"]) == (6, False, 3)
+    assert exact["counts"]["counted_to"] == views.COUNT_LIMIT
+    monkeypatch.setattr(views, "COUNT_LIMIT", 1)
+    monkeypatch.setattr(api_routes, "COUNT_LIMIT", 1)
+    capped = client.get("/api/queue?page_size=2", headers=headers).json()
+    assert (capped["total"], capped["more"], capped["pages"]) == (3, True, 2), "counted to the page and 1 past it"
+    assert capped["counts"]["flagged"] == 2, "one past the limit: more than 1"
+    assert capped["counts"]["counted_to"] == 1
+    assert [i["finding_id"] for i in capped["items"]] == [i["finding_id"] for i in exact["items"]]
+    last = client.get("/api/queue?page_size=2&page=3", headers=headers).json()
+    assert (last["total"], last["more"]) == (6, False), "deeper pages count further"
+    html = client.get("/").text  # the page's size is 4 here: counted to 5
+    assert "<b>1+</b>" in html
+    assert "5+ finding(s) &middot; page 1 of 2+" in html
+    assert 'id="next-page"' in html
