@@ -19,8 +19,9 @@ Measured at both sizes, alternating rounds so the machine's load falls on both a
   annotation state, captions and findings inserted, finish. Seconds per study.
 - queue: the review page's default view, db/reviews.py `queue` (flagged first, critical questions first,
   highest P(yes) first, pending findings only, 25 a page) with its total counted up to COUNT_LIMIT
-  (`count_limit`: "1,000+"); also with the exact total, as review/views.py asks for it today, and the
-  counts over the queue (`queue_counts`) both ways. An exact total counts every pending finding.
+  (`count_limit`: "1,000+", as review/views.py counts it); also with the exact total (how the page
+  counted before), and the counts over the queue (`queue_counts`) both ways. An exact total counts every
+  pending finding.
 - cohort: `run_cohort` with `COHORT` as the review API runs it (the bank's questions known), its first
   page (`--cohort-limit` studies); and, for information, per study at the API's default limit of 1000.
 
@@ -517,7 +518,8 @@ def bookkeeping(engine: Any, *, first: int, count: int, sh: Shapes) -> float:
 
 def queue_page(engine: Any, sh: Shapes, *, count_limit: int | None) -> tuple[float, float, int]:
     """The review page's default view: (seconds for its 25 findings and their total, seconds for the counts
-    over the queue, total). `count_limit` None: as review/views.py `queue_view` asks for them (exact)."""
+    over the queue, total). `count_limit` None: exact (review/views.py `queue_view` counts up to COUNT_LIMIT
+    past the page)."""
     from sqlmodel import Session
 
     from db import reviews
