@@ -38,8 +38,11 @@ check-lock:
 demo: venv
 	$(BIN)/nightread demo
 
+# the suite on TEST_WORKERS processes (pytest-xdist), a test file to each at a time (module fixtures stay
+# shared); TEST_WORKERS=0 runs it in this process alone
+TEST_WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check .

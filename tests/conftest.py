@@ -12,6 +12,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on a 2-core machine: two threads each (torch's default here), and every
+    # process they start, would ask 4 threads of 2 cores, and OpenMP threads waiting for a busy core made
+    # small kernels 40x slower (one FHIR test: 13 s alone, 74 s so). One thread a process; read by torch
+    # when it starts, here and in the subprocesses (nightread, tritonserver's Python backend).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REQUIRE_SERVICES = os.environ.get("NIGHTREAD_REQUIRE_SERVICES") == "1"
 
@@ -169,3 +175,11 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) ->
         yield server
     finally:
         server.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Test files with a `slow` test first, each file's tests together and in their order: `make test`
+    hands files to its workers in this order, so the long ones start early and short ones fill the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    first_seen = {path: i for i, path in reversed(list(enumerate(item.path for item in items)))}
+    items.sort(key=lambda item: (item.path not in slow_files, first_seen[item.path]))

@@ -17,7 +17,7 @@ from db.models import Finding, Run, Study
 from db.session import is_disconnect, make_engine, while_unreachable
 from flows.nightly import run_nightly
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 OUTAGE_S = 4.0  # how long the database stays down: longer than a task's own retries (3 × 0.5 s)
 
 
