@@ -663,8 +663,10 @@ def phase_r1(
     # while work is still pending: the Postgres restart after two kills, S3 failing after two more (the
     # runs go on once each is back)
     events: list[str] = [f"kill{i}" for i in range(kills)]
-    events.insert(min(2, len(events)), "postgres")
-    events.insert(min(5, len(events)), "s3")  # while work remains (a last event finds every study done)
+    # early, while work remains: a run that survives its fault finishes the night, and a later event finds
+    # every study done (the S3 failure did so at the sixth run)
+    events.insert(min(1, len(events)), "s3")
+    events.insert(min(3, len(events)), "postgres")
     run_timeout_s = 60.0 + 3.0 * len(uids)
     try:
         for event in events:
