@@ -660,11 +660,10 @@ def phase_r1(
     setup = make_setup(svc, "r1", inference=inference, max_attempts=10)
     engine = setup.engine()
     delivered = hung_in_a_row = 0
-    # while work is still pending: the Postgres restart after two kills, S3 failing after two more (the
-    # runs go on once each is back)
+    # S3 failing at the second run and the Postgres restart at the fourth, early, while work remains (the
+    # runs go on once each is back): a run that survives its fault finishes the night, and a later event
+    # finds every study done (the S3 failure did so when it came sixth)
     events: list[str] = [f"kill{i}" for i in range(kills)]
-    # early, while work remains: a run that survives its fault finishes the night, and a later event finds
-    # every study done (the S3 failure did so at the sixth run)
     events.insert(min(1, len(events)), "s3")
     events.insert(min(3, len(events)), "postgres")
     run_timeout_s = 60.0 + 3.0 * len(uids)
