@@ -321,6 +321,12 @@ class MetricsSettings(BaseModel):
 
     port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics on this port (unset: off)")
     host: str = Field(default="127.0.0.1", description="address the metrics endpoint listens on")
+    database_refresh_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="read the database gauges (studies, failures, review queue) at most this often; scrapes "
+        "in between get the last reading (counting the queue takes seconds at a million studies)",
+    )
 
 
 class ValidationSettings(BaseModel):

@@ -58,3 +58,35 @@ def test_a_night_is_visible_on_the_metrics_endpoint(prefect_harness, make_settin
     assert value(text, "nightread_review_queue", 'state="pending"') > 0
     assert "PATIENT" not in text, "labels carry states and source names, never patient data"
     engine.dispose()
+
+
+def test_the_database_is_read_at_most_once_a_refresh(tmp_path, monkeypatch) -> None:
+    """Scrapes within `metrics.database_refresh_s` get the last reading; after it, a new one."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from flows.wiring import telemetry
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    engine = make_engine(url)
+    clock = [1000.0]
+    monkeypatch.setattr(telemetry.time, "monotonic", lambda: clock[0])
+    readings: list[int] = []
+    read = telemetry.DatabaseCollector._read
+
+    def counted(self):  # type: ignore[no-untyped-def]
+        readings.append(1)
+        return read(self)
+
+    monkeypatch.setattr(telemetry.DatabaseCollector, "_read", counted)
+    registry = CollectorRegistry()
+    registry.register(telemetry.DatabaseCollector(engine, refresh_s=60))
+    first = generate_latest(registry)
+    clock[0] += 59
+    assert generate_latest(registry) == first
+    assert len(readings) == 1, "a scrape inside the refresh reads nothing"
+    clock[0] += 1
+    generate_latest(registry)
+    assert len(readings) == 2, "the next one after it reads again"
+    assert b"nightread_review_queue" in first
+    engine.dispose()
