@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fault_proxy import FaultProxy
-from tests.services import REPO, Orthanc, Postgres, S3Server, free_port
+from tests.services import REPO, Orthanc, Postgres, S3Server, free_port, triton_on_free_ports
 
 NIGHTREAD = str(Path(sys.executable).with_name("nightread"))
 PACS_FAULTS = {"abort": 0.1, "reset": 0.1, "stall": 0.1, "drip": 0.1}
@@ -594,22 +594,7 @@ def services(work: Path, *, triton_model: Path | None, seed: int, say: Callable[
         s3_proxy = stack.enter_context(FaultProxy(target_port=s3.port, seed=seed + 1))
         found = Services(work, pg, orthanc, s3, pacs_proxy, s3_proxy)
         if triton_model is not None:
-            from integrations.triton_server import TritonServer, prepare_repository
-
-            repo = prepare_repository(
-                REPO / "deploy" / "triton" / "model_repository",
-                work / "triton" / "repository",
-                instance_count=1,
-                instance_kind="KIND_CPU",
-            )
-            triton = TritonServer(
-                repository=repo,
-                work_dir=work / "triton",
-                http_port=free_port(),
-                grpc_port=free_port(),
-                metrics_port=free_port(),
-                env={"NIGHTREAD_TRITON_MODEL": str(triton_model)},
-            )
+            triton = triton_on_free_ports(work / "triton", triton_model)
             stack.callback(triton.stop)
             t0 = time.monotonic()
             triton.start()

@@ -19,8 +19,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -387,19 +387,65 @@ def moto_available() -> bool:
     return (Path(sys.executable).parent / "moto_server").exists()
 
 
-def triton_on_free_ports(work: Path, model: Path) -> Any:
-    """A tritonserver (the nvidia-pytriton wheel's) on deploy/triton/model_repository serving `model`, on free
-    ports, not started yet (start()/stop() it, or use it as a context manager)."""
+def triton_on_free_ports(
+    work: Path,
+    model: Path | None = None,
+    *,
+    repository: Path = REPO / "deploy" / "triton" / "model_repository",
+    instances: int = 1,
+    env: dict[str, str] | None = None,
+) -> Any:
+    """A tritonserver (the nvidia-pytriton wheel's) on a copy of `repository` (by default nightread's own,
+    serving `model`) with `instances` CPU instances per model, on free ports, not started yet (start()/stop()
+    it, or use it as a context manager)."""
     from integrations.triton_server import TritonServer, prepare_repository
 
-    repo = prepare_repository(
-        REPO / "deploy" / "triton" / "model_repository", work / "repository", instance_count=1, instance_kind="KIND_CPU"
-    )
+    repo = prepare_repository(repository, work / "repository", instance_count=instances, instance_kind="KIND_CPU")
     return TritonServer(
         repository=repo,
         work_dir=work,
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
-        env={"NIGHTREAD_TRITON_MODEL": str(model)},
+        env={**({"NIGHTREAD_TRITON_MODEL": str(model)} if model is not None else {}), **(env or {})},
     )
+
+
+# --- Prefect ------------------------------------------------------------------------------------------
+
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def _prefect_healthy(api: str) -> bool:
+    with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+        return bool(r.status == 200)
+
+
+@contextmanager
+def prefect_server(pg: Postgres, folder: Path, *, database: str = "prefect") -> Iterator[str]:
+    """`prefect server start` on loopback (PREFECT_HOME and its log in `folder`), its database `database` on
+    `pg`; its API URL. Stopped when the block ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    url = pg.create_database(database).replace("+psycopg", "+asyncpg")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(folder),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    log = folder / "server.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_until(lambda: _prefect_healthy(api), timeout=180, what="the Prefect server", proc=proc, log=log)
+        yield api
+    finally:
+        stop_process(proc)

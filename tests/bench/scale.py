@@ -60,9 +60,19 @@ from typing import Any
 
 from tests.bench.triton import ServerStats, server_stats
 from tests.chaos import NIGHTREAD, Setup, chaos_studies, seed_orthanc
-from tests.services import REPO, Orthanc, Postgres, S3Server, free_port, pg_bin, stop_process, wait_until
+from tests.services import (
+    PREFECT,
+    REPO,
+    Orthanc,
+    Postgres,
+    S3Server,
+    free_port,
+    pg_bin,
+    prefect_server,
+    triton_on_free_ports,
+    wait_until,
+)
 
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 MODEL = "nightread_sleep"
 CORES = os.cpu_count() or 1
 ORDER = (1, 2, 2, 1)  # worker counts, in the order measured
@@ -81,18 +91,12 @@ class Services:
     prefect_api: str
 
 
-def _healthy(api: str) -> bool:
-    with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-        return bool(r.status == 200)
-
-
 @contextmanager
 def services(
     work: Path, *, studies: int, service_ms: float, instances: int, say: Callable[[str], None]
 ) -> Iterator[Services]:
     """Postgres, Orthanc with `studies` studies, moto S3, tritonserver with the stand-in, a Prefect server on
     Postgres with nightread's pool and deployments: all stopped when the block ends."""
-    from integrations.triton_server import TritonServer, prepare_repository
 
     binaries = pg_bin()
     if binaries is None:
@@ -113,18 +117,10 @@ def services(
         s3 = S3Server(folder=work / "s3", port=free_port())
         stack.callback(s3.stop)
         s3.start()
-        repo = prepare_repository(
-            REPO / "tests" / "bench" / "triton_repository",
-            work / "triton" / "repository",
-            instance_count=instances,
-            instance_kind="KIND_CPU",
-        )
-        triton = TritonServer(
-            repository=repo,
-            work_dir=work / "triton",
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
+        triton = triton_on_free_ports(
+            work / "triton",
+            repository=REPO / "tests" / "bench" / "triton_repository",
+            instances=instances,
             env={"PYTHONPATH": str(REPO), "NIGHTREAD_SLEEP_MS": str(service_ms)},
         )
         stack.callback(triton.stop)
@@ -132,35 +128,6 @@ def services(
         api = stack.enter_context(prefect_server(pg, work / "prefect-server"))
         say(f"services up in {time.monotonic() - t0:.0f} s: Postgres, Orthanc ({studies} studies), S3, Triton, Prefect")
         yield Services(work, pg, orthanc, s3, triton, api)
-
-
-@contextmanager
-def prefect_server(pg: Postgres, folder: Path) -> Iterator[str]:
-    """`prefect server start` on loopback, its database on `pg`; its API URL."""
-    folder.mkdir(parents=True)
-    url = pg.create_database("prefect").replace("+psycopg", "+asyncpg")
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(folder),
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    log = folder / "server.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_until(lambda: _healthy(api), timeout=180, what="the Prefect server", proc=proc, log=log)
-        yield api
-    finally:
-        stop_process(proc)
 
 
 # --- workers and runs ------------------------------------------------------------------------------------------

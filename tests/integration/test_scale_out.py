@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,11 @@ from sqlalchemy import text
 
 from tests.chaos import NIGHTREAD, Setup, chaos_studies, s3_store, seed_orthanc, tally
 from tests.conftest import require_or_skip
-from tests.services import DICOMWEB_PLUGIN, ORTHANC, Orthanc, S3Server, free_port, stop_process, wait_until
+from tests.services import DICOMWEB_PLUGIN, ORTHANC, PREFECT, Orthanc, S3Server, wait_until
+from tests.services import prefect_server as services_prefect_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 STUDIES = 20
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 LEASE_S = 8
 
 
@@ -42,39 +41,11 @@ def scale_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Or
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _healthy(api: str) -> bool:
-    import urllib.request
-
-    with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-        return bool(r.status == 200)
-
-
 @pytest.fixture
 def prefect_server(postgres: Any, tmp_path: Path) -> Iterator[str]:
     """`prefect server start` on loopback with its database on the test Postgres; its API URL."""
-    url = postgres.create_database("prefect_scale").replace("+psycopg", "+asyncpg")
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-server"),
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    log = (tmp_path / "prefect-server.log").open("wb")
-    proc = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_until(lambda: _healthy(api), timeout=180, what="the Prefect server", log=tmp_path / "prefect-server.log")
+    with services_prefect_server(postgres, tmp_path / "prefect-server", database="prefect_scale") as api:
         yield api
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 def _start_worker(name: str, env: dict[str, str], folder: Path) -> subprocess.Popen[bytes]:
