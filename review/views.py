@@ -66,7 +66,7 @@ def queue_query_string(params: Mapping[str, str]) -> str:
 @dataclass(frozen=True)
 class QueueView:
     items: list[reviews.QueueItem]
-    total: int  # counted up to `total_counted_to`; more when `more`
+    total: int  # counted up to this page and COUNT_LIMIT findings past it; more when `more`
     more: bool
     page: int
     pages: int  # the pages `total` fills (more follow when `more`)
